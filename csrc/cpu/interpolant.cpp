@@ -1,0 +1,307 @@
+// CPU kernels of the interpolant family: interpolant, velocity_mse, mse.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "cpu_utils.h"
+#include "sit_ext/checks.h"
+#include "sit_ext/interpolant_math.h"
+
+namespace sit_ext::cpu {
+namespace {
+
+using at::Tensor;
+
+template <typename acc_t>
+Coef<at::vec::Vectorized<acc_t>> broadcast(const Coef<acc_t>& c) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return {Vec(c.a), Vec(c.b), Vec(c.da), Vec(c.db), Vec(c.dda), Vec(c.ddb)};
+}
+
+Tensor empty_if(bool needed, const Tensor& like) {
+  return needed ? at::empty_like(like) : at::empty({0}, like.options());
+}
+
+// Per-sample gradients of t (or of the coefficient table), in t's dtype.
+Tensor to_tensor(const std::vector<double>& values, const Tensor& t) {
+  return at::tensor(values, t.options().dtype(at::kDouble)).view(t.sizes()).to(t.scalar_type());
+}
+
+Tensor acc_empty(at::IntArrayRef sizes, const Tensor& x) {
+  return at::empty(sizes, x.options().dtype(at::toOpMathType(x.scalar_type())));
+}
+
+std::tuple<Tensor, Tensor> interpolant(const Tensor& x_, const Tensor& noise_, const Tensor& t,
+                                       int64_t schedule, std::array<bool, 2> mask) {
+  const SampleArgs a = sample_args("interpolant", x_, noise_, t, schedule);
+  Tensor xt = empty_if(mask[0], a.x), ut = empty_if(mask[1], a.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "interpolant", [&] {
+    using IO = VecIO<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
+    scalar_t* xt_p = mask[0] ? xt.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ut_p = mask[1] ? ut.mutable_data_ptr<scalar_t>() : nullptr;
+    for_each_chunk<0>(a.rows, a.n, nullptr, [&](int64_t row, int64_t i, int64_t end, double*) {
+      const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
+      const auto cv = broadcast(c);
+      const int64_t o = row * a.n;
+      for (; i + IO::kSize <= end; i += IO::kSize) {
+        const auto xv = IO::load(x + o + i), ev = IO::load(e + o + i);
+        if (xt_p) IO::store(xt_p + o + i, interpolant_value(cv, xv, ev));
+        if (ut_p) IO::store(ut_p + o + i, velocity_value(cv, xv, ev));
+      }
+      for (; i < end; ++i) {
+        const acc_t xs = x[o + i], es = e[o + i];
+        if (xt_p) xt_p[o + i] = scalar_t(interpolant_value(c, xs, es));
+        if (ut_p) ut_p[o + i] = scalar_t(velocity_value(c, xs, es));
+      }
+    });
+  });
+  return {xt, ut};
+}
+
+std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
+    const std::optional<Tensor>& grad_xt, const std::optional<Tensor>& grad_ut, const Tensor& x_,
+    const Tensor& noise_, const Tensor& t, int64_t schedule, std::array<bool, 3> mask) {
+  constexpr const char* op = "interpolant_backward";
+  const SampleArgs a = sample_args(op, x_, noise_, t, schedule);
+  const Tensor gx_t = tensor_grad(op, "grad_xt", grad_xt.value_or(Tensor()), a.x);
+  const Tensor gu_t = tensor_grad(op, "grad_ut", grad_ut.value_or(Tensor()), a.x);
+  Tensor dx = empty_if(mask[0], a.x), dn = empty_if(mask[1], a.x);
+  Tensor dt = at::empty({0}, t.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    using Vec = typename IO::Vec;
+    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
+    const scalar_t* gx = gx_t.defined() ? gx_t.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gu = gu_t.defined() ? gu_t.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dx_p = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dn_p = mask[1] ? dn.mutable_data_ptr<scalar_t>() : nullptr;
+    auto body = [&](int64_t row, int64_t i, int64_t end, double* sums) {
+      const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
+      const auto cv = broadcast(c);
+      const int64_t o = row * a.n;
+      WideSum<acc_t> s0, s1, s2, s3;
+      for (; i + IO::kSize <= end; i += IO::kSize) {
+        const Vec gxv = gx ? IO::load(gx + o + i) : Vec(0);
+        const Vec guv = gu ? IO::load(gu + o + i) : Vec(0);
+        if (dx_p) IO::store(dx_p + o + i, interpolant_grad_x(cv, gxv, guv));
+        if (dn_p) IO::store(dn_p + o + i, interpolant_grad_noise(cv, gxv, guv));
+        if (sums) {
+          const Vec xv = IO::load(x + o + i), ev = IO::load(e + o + i);
+          s0.add_product(gxv, xv);
+          s1.add_product(gxv, ev);
+          s2.add_product(guv, xv);
+          s3.add_product(guv, ev);
+        }
+      }
+      double r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+      for (; i < end; ++i) {
+        const acc_t gxs = gx ? acc_t(gx[o + i]) : acc_t(0);
+        const acc_t gus = gu ? acc_t(gu[o + i]) : acc_t(0);
+        if (dx_p) dx_p[o + i] = scalar_t(interpolant_grad_x(c, gxs, gus));
+        if (dn_p) dn_p[o + i] = scalar_t(interpolant_grad_noise(c, gxs, gus));
+        const double xs = x[o + i], es = e[o + i];
+        r0 += gxs * xs;
+        r1 += gxs * es;
+        r2 += gus * xs;
+        r3 += gus * es;
+      }
+      if (sums) {
+        sums[0] += s0.total() + r0;
+        sums[1] += s1.total() + r1;
+        sums[2] += s2.total() + r2;
+        sums[3] += s3.total() + r3;
+      }
+    };
+    if (!mask[2]) {
+      for_each_chunk<0>(a.rows, a.n, nullptr, body);
+      return;
+    }
+    std::vector<double> sums(a.rows * 4), grad(t.numel());
+    for_each_chunk<4>(a.rows, a.n, sums.data(), body);
+    for (int64_t b = 0; b < a.rows; ++b) interpolant_time_grad(a.time, b, &sums[4 * b], grad.data());
+    dt = to_tensor(grad, t);
+  });
+  return {dx, dn, dt};
+}
+
+Tensor velocity_mse(const Tensor& pred_, const Tensor& x_, const Tensor& noise_, const Tensor& t,
+                    int64_t schedule) {
+  const SampleArgs a = sample_args("velocity_mse", x_, noise_, t, schedule, pred_);
+  Tensor loss = acc_empty({a.rows}, a.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "velocity_mse", [&] {
+    using IO = VecIO<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    using Vec = typename IO::Vec;
+    const scalar_t* p = a.pred.const_data_ptr<scalar_t>();
+    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
+    std::vector<double> sums(a.rows);
+    for_each_chunk<1>(a.rows, a.n, sums.data(), [&](int64_t row, int64_t i, int64_t end, double* sum) {
+      const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
+      const auto cv = broadcast(c);
+      const int64_t o = row * a.n;
+      WideSum<acc_t> s;
+      for (; i + IO::kSize <= end; i += IO::kSize) {
+        const Vec r = IO::load(p + o + i) - velocity_value(cv, IO::load(x + o + i), IO::load(e + o + i));
+        s.add_product(r, r);
+      }
+      double tail = 0;
+      for (; i < end; ++i) {
+        const double r = acc_t(p[o + i]) - velocity_value(c, acc_t(x[o + i]), acc_t(e[o + i]));
+        tail += r * r;
+      }
+      sum[0] += s.total() + tail;
+    });
+    acc_t* out = loss.mutable_data_ptr<acc_t>();
+    for (int64_t b = 0; b < a.rows; ++b) out[b] = acc_t(sums[b] / double(a.n));
+  });
+  return loss;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
+    const Tensor& grad_, const Tensor& pred_, const Tensor& x_, const Tensor& noise_,
+    const Tensor& t, int64_t schedule, std::array<bool, 4> mask) {
+  constexpr const char* op = "velocity_mse_backward";
+  const SampleArgs a = sample_args(op, x_, noise_, t, schedule, pred_);
+  const Tensor grad = per_sample_grad(op, grad_, a.x);
+  Tensor dp = empty_if(mask[0], a.x), dx = empty_if(mask[1], a.x), dn = empty_if(mask[2], a.x);
+  Tensor dt = at::empty({0}, t.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    using Vec = typename IO::Vec;
+    const scalar_t* p = a.pred.const_data_ptr<scalar_t>();
+    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    const int64_t g_stride = grad.stride(0);
+    scalar_t* dp_p = mask[0] ? dp.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dx_p = mask[1] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dn_p = mask[2] ? dn.mutable_data_ptr<scalar_t>() : nullptr;
+    auto body = [&](int64_t row, int64_t i, int64_t end, double* sums) {
+      const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
+      const auto cv = broadcast(c);
+      const acc_t k = acc_t(2) * g[row * g_stride] / acc_t(a.n);
+      const Vec kv(k);
+      const int64_t o = row * a.n;
+      WideSum<acc_t> s0, s1;
+      for (; i + IO::kSize <= end; i += IO::kSize) {
+        const Vec xv = IO::load(x + o + i), ev = IO::load(e + o + i);
+        const Vec dpv = kv * (IO::load(p + o + i) - velocity_value(cv, xv, ev));
+        if (dp_p) IO::store(dp_p + o + i, dpv);
+        if (dx_p) IO::store(dx_p + o + i, -(cv.da * dpv));
+        if (dn_p) IO::store(dn_p + o + i, -(cv.db * dpv));
+        if (sums) {
+          s0.add_product(dpv, xv);
+          s1.add_product(dpv, ev);
+        }
+      }
+      double r0 = 0, r1 = 0;
+      for (; i < end; ++i) {
+        const acc_t xs = x[o + i], es = e[o + i];
+        const acc_t dps = k * (acc_t(p[o + i]) - velocity_value(c, xs, es));
+        if (dp_p) dp_p[o + i] = scalar_t(dps);
+        if (dx_p) dx_p[o + i] = scalar_t(-(c.da * dps));
+        if (dn_p) dn_p[o + i] = scalar_t(-(c.db * dps));
+        r0 += double(dps) * xs;
+        r1 += double(dps) * es;
+      }
+      if (sums) {
+        sums[0] -= s0.total() + r0;  // du = -dpred
+        sums[1] -= s1.total() + r1;
+      }
+    };
+    if (!mask[3]) {
+      for_each_chunk<0>(a.rows, a.n, nullptr, body);
+      return;
+    }
+    std::vector<double> sums(a.rows * 2), grad(t.numel());
+    for_each_chunk<2>(a.rows, a.n, sums.data(), body);
+    for (int64_t b = 0; b < a.rows; ++b) velocity_mse_time_grad(a.time, b, &sums[2 * b], grad.data());
+    dt = to_tensor(grad, t);
+  });
+  return {dp, dx, dn, dt};
+}
+
+Tensor mse(const Tensor& pred_, const Tensor& target_) {
+  check_float("mse", "pred", pred_);
+  check_like("mse", "pred", pred_, "target", target_);
+  const Tensor pred = pred_.contiguous(), target = target_.contiguous();
+  Tensor out = acc_empty({}, pred);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mse", [&] {
+    using IO = VecIO<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    using Vec = typename IO::Vec;
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    const scalar_t* q = target.const_data_ptr<scalar_t>();
+    double sum = 0;
+    for_each_chunk<1>(1, pred.numel(), &sum, [&](int64_t, int64_t i, int64_t end, double* sums) {
+      WideSum<acc_t> s;
+      for (; i + IO::kSize <= end; i += IO::kSize) {
+        const Vec r = IO::load(p + i) - IO::load(q + i);
+        s.add_product(r, r);
+      }
+      double tail = 0;
+      for (; i < end; ++i) {
+        const double r = acc_t(p[i]) - acc_t(q[i]);
+        tail += r * r;
+      }
+      sums[0] += s.total() + tail;
+    });
+    *out.mutable_data_ptr<acc_t>() = acc_t(sum / double(pred.numel()));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad, const Tensor& pred_,
+                                        const Tensor& target_, std::array<bool, 2> mask) {
+  constexpr const char* op = "mse_backward";
+  check_float(op, "pred", pred_);
+  check_like(op, "pred", pred_, "target", target_);
+  check_float(op, "grad", grad);
+  TORCH_CHECK(grad.numel() == 1, "sit_ext.", op, ": expected a scalar grad, got shape ", grad.sizes());
+  const Tensor pred = pred_.contiguous(), target = target_.contiguous();
+  Tensor dp = empty_if(mask[0], pred), dq = empty_if(mask[1], pred);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), op, [&] {
+    using IO = VecIO<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    using Vec = typename IO::Vec;
+    const scalar_t* p = pred.const_data_ptr<scalar_t>();
+    const scalar_t* q = target.const_data_ptr<scalar_t>();
+    scalar_t* dp_p = mask[0] ? dp.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dq_p = mask[1] ? dq.mutable_data_ptr<scalar_t>() : nullptr;
+    const acc_t k = acc_t(2) * grad.item<acc_t>() / acc_t(pred.numel());
+    const Vec kv(k);
+    for_each_chunk<0>(1, pred.numel(), nullptr, [&](int64_t, int64_t i, int64_t end, double*) {
+      for (; i + IO::kSize <= end; i += IO::kSize) {
+        const Vec d = kv * (IO::load(p + i) - IO::load(q + i));
+        if (dp_p) IO::store(dp_p + i, d);
+        if (dq_p) IO::store(dq_p + i, -d);
+      }
+      for (; i < end; ++i) {
+        const acc_t d = k * (acc_t(p[i]) - acc_t(q[i]));
+        if (dp_p) dp_p[i] = scalar_t(d);
+        if (dq_p) dq_p[i] = scalar_t(-d);
+      }
+    });
+  });
+  return {dp, dq};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sit_ext, CPU, m) {
+  m.impl("interpolant", &interpolant);
+  m.impl("interpolant_backward", &interpolant_backward);
+  m.impl("velocity_mse", &velocity_mse);
+  m.impl("velocity_mse_backward", &velocity_mse_backward);
+  m.impl("mse", &mse);
+  m.impl("mse_backward", &mse_backward);
+}
+
+}  // namespace sit_ext::cpu

@@ -1,0 +1,127 @@
+// Argument checks shared by the CPU and CUDA implementations. Every misuse
+// raises a c10::Error (RuntimeError in Python) that names the op, the argument
+// and what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "sit_ext/interpolant_math.h"
+
+namespace sit_ext {
+
+inline bool is_supported_float(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "sit_ext.", op, ": ", name, " is undefined");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "sit_ext.", op, ": expected ", name,
+              " to be a float32, float64, float16 or bfloat16 tensor, got ",
+              t.scalar_type());
+}
+
+// b must match a in shape, dtype and device.
+inline void check_like(const char* op, const char* name_a, const at::Tensor& a,
+                       const char* name_b, const at::Tensor& b) {
+  check_float(op, name_b, b);
+  TORCH_CHECK(b.sizes() == a.sizes(), "sit_ext.", op, ": expected ", name_b,
+              " to have the shape of ", name_a, " ", a.sizes(), ", got ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "sit_ext.", op, ": expected ", name_b,
+              " to have the dtype of ", name_a, " (", a.scalar_type(), "), got ",
+              b.scalar_type());
+  TORCH_CHECK(b.device() == a.device(), "sit_ext.", op, ": expected ", name_b,
+              " on the device of ", name_a, " (", a.device(), "), got ", b.device());
+}
+
+// A vector of per-sample values, shape [B] (or [B, 4] coefficients), on x's device.
+inline void check_per_sample(const char* op, const char* name, const at::Tensor& v,
+                             const at::Tensor& x, int64_t cols = 0) {
+  check_float(op, name, v);
+  TORCH_CHECK(x.dim() >= 1, "sit_ext.", op, ": expected a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(v.device() == x.device(), "sit_ext.", op, ": expected ", name, " on ",
+              x.device(), ", got ", v.device());
+  if (cols == 0) {
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(0), "sit_ext.", op, ": expected ", name,
+                " of shape [", x.size(0), "] (one value per sample), got ", v.sizes());
+  } else {
+    TORCH_CHECK(v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == cols, "sit_ext.", op,
+                ": expected ", name, " of shape [", x.size(0), ", ", cols, "], got ",
+                v.sizes());
+  }
+}
+
+inline FloatKind float_kind(at::ScalarType s) {
+  switch (s) {
+    case at::kDouble:
+      return FloatKind::kDouble;
+    case at::kHalf:
+      return FloatKind::kHalf;
+    case at::kBFloat16:
+      return FloatKind::kBFloat16;
+    default:
+      return FloatKind::kFloat;
+  }
+}
+
+// Checks `t` against the schedule and x, and describes it for the kernels.
+inline TimeArg time_arg(const char* op, const at::Tensor& t, int64_t schedule,
+                        const at::Tensor& x) {
+  TORCH_CHECK(schedule >= 0 && schedule < kNumSchedules, "sit_ext.", op,
+              ": unknown schedule id ", schedule,
+              " (expected 0 linear, 1 cosine, 2 vp or 3 coefficients)");
+  if (schedule == kCoefficients) {
+    check_per_sample(op, "coefficients", t, x, 4);
+    return {t.data_ptr(), t.stride(0), t.stride(1), float_kind(t.scalar_type()), schedule};
+  }
+  check_per_sample(op, "t", t, x);
+  return {t.data_ptr(), t.stride(0), 0, float_kind(t.scalar_type()), schedule};
+}
+
+// Product of the non-batch sizes: the elements of one sample.
+inline int64_t per_sample_numel(const at::Tensor& x) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) n *= x.size(d);
+  return n;
+}
+
+// What the interpolant-family kernels need: contiguous [B, n] views of the
+// sample tensors and where to find each sample's coefficients.
+struct SampleArgs {
+  at::Tensor x, noise, pred;  // pred is undefined for the interpolant ops
+  TimeArg time;
+  int64_t rows, n;
+};
+
+inline SampleArgs sample_args(const char* op, const at::Tensor& x, const at::Tensor& noise,
+                              const at::Tensor& t, int64_t schedule,
+                              const at::Tensor& pred = at::Tensor()) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 1, "sit_ext.", op, ": expected x of shape [B, ...], got a 0-d tensor");
+  check_like(op, "x", x, "noise", noise);
+  if (pred.defined()) check_like(op, "x", x, "pred", pred);
+  const TimeArg time = time_arg(op, t, schedule, x);
+  return {x.contiguous(), noise.contiguous(), pred.defined() ? pred.contiguous() : pred,
+          time, x.size(0), per_sample_numel(x)};
+}
+
+// An incoming gradient of per-sample values: shape [B], converted to the
+// accumulation dtype (strides are kept; kernels read it with its stride).
+inline at::Tensor per_sample_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+  check_per_sample(op, "grad", grad, x);
+  return grad.to(at::toOpMathType(x.scalar_type()));
+}
+
+// An incoming gradient of a tensor output: same shape as x, made contiguous.
+inline at::Tensor tensor_grad(const char* op, const char* name, const at::Tensor& grad,
+                              const at::Tensor& x) {
+  if (!grad.defined()) return grad;
+  TORCH_CHECK(grad.sizes() == x.sizes(), "sit_ext.", op, ": expected ", name, " of shape ",
+              x.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(grad.device() == x.device(), "sit_ext.", op, ": expected ", name, " on ",
+              x.device(), ", got ", grad.device());
+  return grad.to(x.scalar_type()).contiguous();
+}
+
+}  // namespace sit_ext

@@ -1,0 +1,156 @@
+// Per-sample schedule coefficients and per-element formulas of the interpolant,
+// its target velocity and the velocity MSE. Shared by the CPU and CUDA kernels,
+// so both run the same arithmetic. The element formulas are templates: the CPU
+// instantiates them with at::vec::Vectorized, the GPU with float/double.
+//
+// Convention: t = 0 is data, t = 1 is noise.
+//   x_t = a(t) x + b(t) eps,   u_t = a'(t) x + b'(t) eps.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace sit_ext {
+
+// Values of the `schedule` argument of the interpolant ops.
+enum Schedule : int64_t {
+  kLinear = 0,        // a = 1 - t, b = t
+  kCosine = 1,        // a = cos(pi t / 2), b = sin(pi t / 2)
+  kVP = 2,            // variance preserving, beta_min = 0.1, beta_max = 20
+  kCoefficients = 3,  // t is [B, 4]: per-sample (a, b, a', b') given by the caller
+};
+constexpr int64_t kNumSchedules = 4;
+
+constexpr double kVPBetaMin = 0.1;
+constexpr double kVPBetaMax = 20.0;
+
+// a, b, their first derivatives, and the second derivatives (needed for d/dt).
+template <typename T>
+struct Coef {
+  T a, b, da, db, dda, ddb;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline Coef<T> schedule_coef(int64_t schedule, T t) {
+  if (schedule == kCosine) {
+    const T h = T(1.5707963267948966);  // pi / 2
+    const T c = ::cos(h * t), s = ::sin(h * t);
+    return {c, s, -h * s, h * c, -h * h * c, -h * h * s};
+  }
+  if (schedule == kVP) {
+    // log a = -t^2 (bmax - bmin) / 4 - t bmin / 2, b = sqrt(1 - a^2).
+    const T range = T(kVPBetaMax - kVPBetaMin), bmin = T(kVPBetaMin);
+    const T g = -T(0.5) * t * range - T(0.5) * bmin;  // (log a)'
+    const T a = ::exp(-T(0.25) * t * t * range - T(0.5) * t * bmin);
+    const T da = a * g;
+    const T dda = a * (g * g - T(0.5) * range);
+    const T b = ::sqrt(T(1) - a * a);
+    const T db = -a * da / b;
+    const T ddb = -(da * da + a * dda + db * db) / b;
+    return {a, b, da, db, dda, ddb};
+  }
+  // kLinear
+  return {T(1) - t, t, T(-1), T(1), T(0), T(0)};
+}
+
+// Type-erased read of one element of t (or of the coefficient table), so the
+// kernels accept t in any floating dtype without a conversion launch.
+enum class FloatKind : int { kFloat, kDouble, kHalf, kBFloat16 };
+
+template <typename T>
+C10_HOST_DEVICE inline T load_as(const void* p, int64_t i, FloatKind kind) {
+  switch (kind) {
+    case FloatKind::kDouble:
+      return T(static_cast<const double*>(p)[i]);
+    case FloatKind::kHalf:
+      return T(static_cast<float>(static_cast<const c10::Half*>(p)[i]));
+    case FloatKind::kBFloat16:
+      return T(static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]));
+    default:
+      return T(static_cast<const float*>(p)[i]);
+  }
+}
+
+// Where a kernel finds the per-sample coefficients: t [B] for a built-in
+// schedule, or the [B, 4] table (a, b, a', b') for kCoefficients.
+struct TimeArg {
+  const void* ptr;
+  int64_t stride0;
+  int64_t stride1;
+  FloatKind kind;
+  int64_t schedule;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline Coef<T> sample_coef(const TimeArg& ta, int64_t b) {
+  if (ta.schedule == kCoefficients) {
+    const int64_t o = b * ta.stride0;
+    return {load_as<T>(ta.ptr, o, ta.kind),
+            load_as<T>(ta.ptr, o + ta.stride1, ta.kind),
+            load_as<T>(ta.ptr, o + 2 * ta.stride1, ta.kind),
+            load_as<T>(ta.ptr, o + 3 * ta.stride1, ta.kind),
+            T(0),
+            T(0)};
+  }
+  return schedule_coef<T>(ta.schedule, load_as<T>(ta.ptr, b * ta.stride0, ta.kind));
+}
+
+// ---- Per-element formulas. V is a scalar or a SIMD vector; C is Coef<V>. ----
+
+template <typename V>
+C10_HOST_DEVICE inline V interpolant_value(const Coef<V>& c, V x, V e) {
+  return c.a * x + c.b * e;
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V velocity_value(const Coef<V>& c, V x, V e) {
+  return c.da * x + c.db * e;
+}
+
+// Interpolant backward, per element: dx = a gx + a' gu, de = b gx + b' gu.
+template <typename V>
+C10_HOST_DEVICE inline V interpolant_grad_x(const Coef<V>& c, V gx, V gu) {
+  return c.a * gx + c.da * gu;
+}
+template <typename V>
+C10_HOST_DEVICE inline V interpolant_grad_noise(const Coef<V>& c, V gx, V gu) {
+  return c.b * gx + c.db * gu;
+}
+
+// Interpolant backward, per sample. The kernels sum, over the sample,
+//   s0 = gx*x, s1 = gx*eps, s2 = gu*x, s3 = gu*eps,
+// which are the gradients of (a, b, a', b'). Writes sample b's gradient of the
+// coefficient table (4 values), or of t by the chain rule (1 value).
+template <typename T>
+C10_HOST_DEVICE inline void interpolant_time_grad(const TimeArg& ta, int64_t b, const T* s,
+                                                  T* out) {
+  if (ta.schedule == kCoefficients) {
+    for (int k = 0; k < 4; ++k) out[4 * b + k] = s[k];
+    return;
+  }
+  const Coef<T> c = sample_coef<T>(ta, b);
+  out[b] = c.da * s[0] + c.db * s[1] + c.dda * s[2] + c.ddb * s[3];
+}
+
+// Velocity MSE: residual r = pred - u_t; the loss averages r^2 over the sample.
+// Backward: dpred = (2 g / N) r and du = -dpred, so dx = a' du, de = b' du, and
+// the per-sample sums s0 = du*x, s1 = du*eps are the gradients of (a', b').
+template <typename T>
+C10_HOST_DEVICE inline void velocity_mse_time_grad(const TimeArg& ta, int64_t b, const T* s,
+                                                   T* out) {
+  if (ta.schedule == kCoefficients) {
+    out[4 * b] = T(0);
+    out[4 * b + 1] = T(0);
+    out[4 * b + 2] = s[0];
+    out[4 * b + 3] = s[1];
+    return;
+  }
+  const Coef<T> c = sample_coef<T>(ta, b);
+  out[b] = c.dda * s[0] + c.ddb * s[1];
+}
+
+}  // namespace sit_ext

@@ -1,0 +1,52 @@
+// The one place that declares every sit_ext op schema. Kernels live in
+// csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu.
+//
+// Backward ops take a `output_mask` naming the gradients the caller needs;
+// gradients not asked for come back as empty tensors.
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifndef SIT_EXT_CUDA_ARCHS
+#define SIT_EXT_CUDA_ARCHS ""
+#endif
+#ifndef SIT_EXT_CPU_CAPABILITY
+#define SIT_EXT_CPU_CAPABILITY "DEFAULT"
+#endif
+
+namespace {
+
+// JSON, parsed by sit_ext.build_info(). Which backends have kernels is asked of
+// the dispatcher at run time, not recorded here.
+std::string build_info() {
+  return std::string("{\"torch_version\": \"") + TORCH_VERSION +
+         "\", \"cuda_archs\": \"" + SIT_EXT_CUDA_ARCHS + "\", \"cpu_capability\": \"" +
+         SIT_EXT_CPU_CAPABILITY + "\"}";
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sit_ext, m) {
+  m.def("build_info() -> str", &build_info);
+
+  // ---- Interpolant family. `schedule`: 0 linear, 1 cosine, 2 vp, 3 coefficients;
+  // with 3, `t` is a [B, 4] table of per-sample (alpha, beta, alpha', beta').
+  // x_t = alpha x + beta noise and u_t = alpha' x + beta' noise, in one pass;
+  // output_mask says which of the two to write.
+  m.def(
+      "interpolant(Tensor x, Tensor noise, Tensor t, int schedule, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "interpolant_backward(Tensor? grad_xt, Tensor? grad_ut, Tensor x, Tensor noise, "
+      "Tensor t, int schedule, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Per-sample mean over the non-batch dims of (pred - u_t)^2, in fp32 (fp64 for
+  // fp64 inputs), with u_t computed in the kernel and never written.
+  m.def("velocity_mse(Tensor pred, Tensor x, Tensor noise, Tensor t, int schedule) -> Tensor");
+  m.def(
+      "velocity_mse_backward(Tensor grad, Tensor pred, Tensor x, Tensor noise, Tensor t, "
+      "int schedule, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Mean of (pred - target)^2 over all elements, as a 0-d fp32 (fp64) tensor.
+  m.def("mse(Tensor pred, Tensor target) -> Tensor");
+  m.def("mse_backward(Tensor grad, Tensor pred, Tensor target, bool[2] output_mask) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,114 @@
+"""Builds sit_ext._C: the CPU kernels always, the CUDA kernels whenever the
+installed torch is a CUDA build and a CUDA toolkit (nvcc) is found. A GPU need
+not be present. This file is the one source of compiler flags.
+
+Environment:
+  SIT_EXT_CPU_ONLY=1           build without CUDA
+  TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"   CUDA archs (that is the default)
+  SIT_EXT_CPU_CAPABILITY=DEFAULT|AVX2  CPU SIMD level (default: AVX2 where the
+                               building machine has AVX2, FMA and F16C)
+  MAX_JOBS=N                   parallel compile jobs
+  CUDA_HOME                    toolkit root, if nvcc is not on the PATH
+"""
+
+import glob
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def find_cuda_home():
+    """The toolkit root: $CUDA_HOME, else the TOP that nvcc reports for itself
+    (nvcc on the PATH may be a wrapper script outside the toolkit)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        top = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.MULTILINE)
+        if top:
+            return os.path.realpath(top.group(1).strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+_cuda_home = None if os.environ.get("SIT_EXT_CPU_ONLY") == "1" else find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def cpu_capability():
+    wanted = os.environ.get("SIT_EXT_CPU_CAPABILITY")
+    if wanted is not None:
+        if wanted not in ("DEFAULT", "AVX2"):
+            sys.exit(f"SIT_EXT_CPU_CAPABILITY must be DEFAULT or AVX2, got {wanted!r}")
+        return wanted
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "DEFAULT"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(re.search(r"^flags\s*:(.*)$", f.read(), re.MULTILINE).group(1).split())
+    except (OSError, AttributeError):
+        return "DEFAULT"
+    return "AVX2" if {"avx2", "fma", "f16c"} <= flags else "DEFAULT"
+
+
+def wheel_cuda_include_dirs(cuda_home):
+    """CUDA library headers (cublas_v2.h, cusparse.h) that torch's headers need,
+    from the nvidia wheels, when the toolkit does not have them."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return []
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return [inc for inc in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+            if glob.glob(os.path.join(inc, "cublas*.h")) or glob.glob(os.path.join(inc, "cusparse*.h"))]
+
+
+def extension():
+    cpu_level = cpu_capability()
+    cxx = ["-O3", "-g0", "-Wno-unknown-pragmas", f'-DSIT_EXT_CPU_CAPABILITY="{cpu_level}"']
+    if cpu_level == "AVX2":
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+
+    use_cuda = bool(_cuda_home) and torch.version.cuda is not None
+    if not use_cuda:
+        why = ("SIT_EXT_CPU_ONLY=1" if os.environ.get("SIT_EXT_CPU_ONLY") == "1"
+               else "torch is a CPU build" if torch.version.cuda is None else "no nvcc found")
+        print(f"sit_ext: building CPU kernels only ({why})")
+        return CppExtension("sit_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx})
+
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    include_dirs += wheel_cuda_include_dirs(_cuda_home)
+    print(f"sit_ext: building CPU and CUDA kernels (CUDA_HOME={_cuda_home}, archs {archs})")
+    cxx += [f'-DSIT_EXT_CUDA_ARCHS="{archs}"']
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    return CUDAExtension("sit_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
+                         include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

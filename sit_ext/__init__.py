@@ -1,0 +1,53 @@
+"""sit_ext: fused CUDA/CPU kernels and a drop-in SiT for PyTorch.
+
+Convention: t = 0 is data, t = 1 is noise; x_t = alpha(t) x + beta(t) noise.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "sit_ext's compiled kernels (sit_ext._C) are missing or failed to load: "
+        f"{e}. Install with `pip install --no-build-isolation .` against the torch you run."
+    ) from e
+
+from . import ops, reference  # noqa: E402
+from ._build import build_info  # noqa: E402
+from .functional import (  # noqa: E402
+    cosine_interpolant,
+    cosine_velocity,
+    linear_interpolant,
+    linear_velocity,
+    sample_interpolant_time,
+    sit_loss,
+)
+from .ops import interpolant, mse, velocity_mse  # noqa: E402
+
+
+def _check_cpu() -> None:
+    if build_info()["cpu_capability"] == "AVX2" and torch.backends.cpu.get_cpu_capability() not in (
+        "AVX2", "AVX512",
+    ):
+        raise ImportError(
+            "sit_ext was built with AVX2 but this CPU lacks it; rebuild with SIT_EXT_CPU_CAPABILITY=DEFAULT"
+        )
+
+
+_check_cpu()
+
+__all__ = [
+    "build_info",
+    "cosine_interpolant",
+    "cosine_velocity",
+    "interpolant",
+    "linear_interpolant",
+    "linear_velocity",
+    "mse",
+    "ops",
+    "reference",
+    "sample_interpolant_time",
+    "sit_loss",
+    "velocity_mse",
+]

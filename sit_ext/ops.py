@@ -1,0 +1,218 @@
+"""Thin Python wrappers of the sit_ext custom ops, with their fake (meta)
+kernels and autograd formulas. Every backward is itself a custom op.
+
+Time convention: t = 0 is data, t = 1 is noise; x_t = alpha(t) x + beta(t) noise
+and u_t = alpha'(t) x + beta'(t) noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the kernels and registers the schemas)
+
+_ops = torch.ops.sit_ext
+
+# Built-in schedules, computed inside the kernels from t.
+SCHEDULES = {"linear": 0, "cosine": 1, "vp": 2}
+_COEFFICIENTS = 3  # t is a [B, 4] table of (alpha, beta, alpha', beta')
+
+Coefficients = Sequence[Tensor]
+
+
+def schedule_id(schedule: str) -> int:
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
+    return SCHEDULES[schedule]
+
+
+def _time_input(x: Tensor, t: Tensor | None, schedule: str,
+                coefficients: Coefficients | None) -> tuple[Tensor, int]:
+    """(t, schedule id) for the kernels: t [B] with a built-in schedule, or the
+    [B, 4] table stacked from the per-sample coefficient vectors."""
+    if coefficients is None:
+        if not isinstance(t, Tensor):
+            raise ValueError("t must be a tensor of shape [B] (or pass coefficients=...)")
+        return t, schedule_id(schedule)
+    if t is not None:
+        raise ValueError("pass either t (with a built-in schedule) or coefficients, not both")
+    if len(coefficients) != 4:
+        raise ValueError("coefficients must be (alpha, beta, d_alpha, d_beta)")
+    batch = x.shape[0] if x.dim() > 0 else None
+    for name, c in zip(("alpha", "beta", "d_alpha", "d_beta"), coefficients):
+        if not isinstance(c, Tensor) or c.dim() != 1 or c.shape[0] != batch:
+            shape = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(f"coefficient {name} must have shape [{batch}], got {shape}")
+    return torch.stack(tuple(coefficients), dim=1), _COEFFICIENTS
+
+
+def _check_weight(weight: Tensor | None, per_sample: Tensor) -> None:
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != per_sample.shape[0]):
+        raise ValueError(f"weight must have shape [{per_sample.shape[0]}], got {tuple(weight.shape)}")
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def _check_devices(op: str, **tensors: Tensor | None) -> None:
+    """Fake kernels check devices too, so a mix is caught at trace time (and for
+    meta tensors, which never reach the C++ checks)."""
+    named = [(name, t.device) for name, t in tensors.items() if t is not None]
+    for name, device in named[1:]:
+        if device != named[0][1]:
+            raise RuntimeError(f"sit_ext.{op}: expected {name} on {named[0][1]} like {named[0][0]}, "
+                               f"got {device}")
+
+
+def _grads(mask: Sequence[bool], grads: Sequence[Tensor]) -> list[Tensor | None]:
+    return [g if need else None for need, g in zip(mask, grads)]
+
+
+# ---------------------------------------------------------------- interpolant
+
+
+def interpolant(x: Tensor, noise: Tensor, t: Tensor | None = None, schedule: str = "linear", *,
+                coefficients: Coefficients | None = None,
+                outputs: tuple[bool, bool] = (True, True)) -> tuple[Tensor, Tensor]:
+    """(x_t, u_t) in one pass over x and noise.
+
+    x, noise: [B, ...], same shape and dtype. Either t [B] with a built-in
+    `schedule` ("linear", "cosine", "vp"), or `coefficients` = (alpha, beta,
+    d_alpha, d_beta), each [B], for any other schedule (these receive gradients).
+    `outputs` picks which of x_t, u_t to compute; the other comes back empty.
+    """
+    tt, sid = _time_input(x, t, schedule, coefficients)
+    return _ops.interpolant.default(x, noise, tt, sid, list(outputs))
+
+
+@torch.library.register_fake("sit_ext::interpolant")
+def _(x, noise, t, schedule, output_mask):
+    _check_devices("interpolant", x=x, noise=noise, t=t)
+    return tuple(x.new_empty(x.shape if need else (0,)) for need in output_mask)
+
+
+def _interpolant_setup(ctx, inputs, output):
+    x, noise, t, schedule, outputs = inputs
+    ctx.save_for_backward(x, noise, t)
+    ctx.schedule, ctx.outputs = schedule, outputs
+    ctx.set_materialize_grads(False)
+
+
+def _interpolant_backward(ctx, grad_xt, grad_ut):
+    x, noise, t = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    # An output that was not computed (an empty tensor) passes no gradient.
+    grad_xt, grad_ut = (g if computed else None for g, computed in zip((grad_xt, grad_ut), ctx.outputs))
+    if grad_xt is None and grad_ut is None:
+        return None, None, None, None, None
+    grads = _ops.interpolant_backward.default(grad_xt, grad_ut, x, noise, t, ctx.schedule, mask)
+    return *_grads(mask, grads), None, None
+
+
+torch.library.register_autograd("sit_ext::interpolant", _interpolant_backward,
+                                setup_context=_interpolant_setup)
+
+
+@torch.library.register_fake("sit_ext::interpolant_backward")
+def _(grad_xt, grad_ut, x, noise, t, schedule, output_mask):
+    _check_devices("interpolant_backward", x=x, noise=noise, t=t, grad_xt=grad_xt, grad_ut=grad_ut)
+    return (x.new_empty(x.shape if output_mask[0] else (0,)),
+            x.new_empty(x.shape if output_mask[1] else (0,)),
+            t.new_empty(t.shape if output_mask[2] else (0,)))
+
+
+# --------------------------------------------------------------- velocity MSE
+
+
+def velocity_mse(pred: Tensor, x: Tensor, noise: Tensor, t: Tensor | None = None,
+                 schedule: str = "linear", *, coefficients: Coefficients | None = None,
+                 weight: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """MSE between pred and the target velocity u_t, fused: u_t is computed in
+    the kernel and never written to memory.
+
+    The per-sample loss is the mean over the non-batch dims of (pred - u_t)^2,
+    times `weight` [B] if given; `reduction` "mean" averages it over the batch,
+    "none" returns it. The result is float32 (float64 for float64 inputs).
+    """
+    tt, sid = _time_input(x, t, schedule, coefficients)
+    per_sample = _ops.velocity_mse.default(pred, x, noise, tt, sid)
+    _check_weight(weight, per_sample)
+    if weight is not None:
+        per_sample = per_sample * weight
+    return _reduce(per_sample, reduction)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("sit_ext::velocity_mse")
+def _(pred, x, noise, t, schedule):
+    _check_devices("velocity_mse", x=x, pred=pred, noise=noise, t=t)
+    return x.new_empty(x.shape[:1], dtype=_acc_dtype(x.dtype))
+
+
+def _velocity_mse_setup(ctx, inputs, output):
+    pred, x, noise, t, schedule = inputs
+    ctx.save_for_backward(pred, x, noise, t)
+    ctx.schedule = schedule
+
+
+def _velocity_mse_backward(ctx, grad):
+    pred, x, noise, t = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4])
+    grads = _ops.velocity_mse_backward.default(grad, pred, x, noise, t, ctx.schedule, mask)
+    return *_grads(mask, grads), None
+
+
+torch.library.register_autograd("sit_ext::velocity_mse", _velocity_mse_backward,
+                                setup_context=_velocity_mse_setup)
+
+
+@torch.library.register_fake("sit_ext::velocity_mse_backward")
+def _(grad, pred, x, noise, t, schedule, output_mask):
+    _check_devices("velocity_mse_backward", x=x, pred=pred, noise=noise, t=t, grad=grad)
+    tensors = [x.new_empty(x.shape if need else (0,)) for need in output_mask[:3]]
+    return *tensors, t.new_empty(t.shape if output_mask[3] else (0,))
+
+
+# ------------------------------------------------------------------------ MSE
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean of (pred - target)^2 over all elements, fused forward and backward.
+    Returns a 0-d float32 tensor (float64 for float64 inputs)."""
+    return _ops.mse.default(pred, target)
+
+
+@torch.library.register_fake("sit_ext::mse")
+def _(pred, target):
+    _check_devices("mse", pred=pred, target=target)
+    return pred.new_empty((), dtype=_acc_dtype(pred.dtype))
+
+
+def _mse_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _mse_backward(ctx, grad):
+    pred, target = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:2])
+    return tuple(_grads(mask, _ops.mse_backward.default(grad, pred, target, mask)))
+
+
+torch.library.register_autograd("sit_ext::mse", _mse_backward, setup_context=_mse_setup)
+
+
+@torch.library.register_fake("sit_ext::mse_backward")
+def _(grad, pred, target, output_mask):
+    _check_devices("mse_backward", pred=pred, target=target, grad=grad)
+    return tuple(pred.new_empty(pred.shape if need else (0,)) for need in output_mask)

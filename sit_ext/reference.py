@@ -1,0 +1,61 @@
+"""Pure-PyTorch references of every sit_ext op. Tests compare the kernels with
+them, and `fused=False` paths run them. They compute in the inputs' dtype, as
+eager PyTorch does; pass float64 inputs for an exact reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
+
+
+def schedule_coefficients(t: Tensor, schedule: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(alpha, beta, alpha', beta') of a built-in schedule at t."""
+    if schedule == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if schedule == "cosine":
+        h = math.pi / 2
+        c, s = torch.cos(h * t), torch.sin(h * t)
+        return c, s, -h * s, h * c
+    if schedule == "vp":
+        span = VP_BETA_MAX - VP_BETA_MIN
+        alpha = torch.exp(-0.25 * t * t * span - 0.5 * t * VP_BETA_MIN)
+        d_alpha = alpha * (-0.5 * t * span - 0.5 * VP_BETA_MIN)
+        beta = torch.sqrt(1 - alpha * alpha)
+        return alpha, beta, d_alpha, -alpha * d_alpha / beta
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _per_sample(v: Tensor, x: Tensor) -> Tensor:
+    return v.to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _coefficients(x, t, schedule, coefficients):
+    if coefficients is None:
+        coefficients = schedule_coefficients(t, schedule)
+    return [_per_sample(c, x) for c in coefficients]
+
+
+def interpolant(x: Tensor, noise: Tensor, t: Tensor | None = None, schedule: str = "linear", *,
+                coefficients=None) -> tuple[Tensor, Tensor]:
+    alpha, beta, d_alpha, d_beta = _coefficients(x, t, schedule, coefficients)
+    return alpha * x + beta * noise, d_alpha * x + d_beta * noise
+
+
+def velocity_mse(pred: Tensor, x: Tensor, noise: Tensor, t: Tensor | None = None,
+                 schedule: str = "linear", *, coefficients=None, weight: Tensor | None = None,
+                 reduction: str = "mean") -> Tensor:
+    _, target = interpolant(x, noise, t, schedule, coefficients=coefficients)
+    squared = (pred - target) ** 2
+    per_sample = squared.mean(dim=tuple(range(1, squared.dim()))) if squared.dim() > 1 else squared
+    if weight is not None:
+        per_sample = per_sample * weight
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    return ((pred - target) ** 2).mean()

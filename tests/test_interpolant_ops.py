@@ -1,0 +1,310 @@
+"""The interpolant, velocity-MSE and MSE ops against their pure-PyTorch
+references: values and gradients, dtypes, shapes, strides, gradcheck, opcheck,
+torch.compile, determinism and bad input."""
+
+import pytest
+import torch
+from helpers import assert_close_to_ref, leaves, rand_time, randn
+
+import sit_ext
+from sit_ext import ops
+from sit_ext import reference as ref
+from conftest import ATOL, DTYPES
+
+SHAPES = [(8, 1), (8, 7), (8, 1152), (4, 3, 8, 8), (3, 400_000)]  # the last: 1.2e6 elements
+SCHEDULES = ["linear", "cosine", "vp", "coefficients"]
+
+
+def time_inputs(schedule, batch, device, strided):
+    """(t, schedule name, coefficients) for a built-in schedule, or random
+    per-sample coefficient vectors for the custom path."""
+    if schedule != "coefficients":
+        return rand_time(batch, device, strided), schedule, None
+    return None, "linear", [rand_time(batch, device, strided) * 2 - 1 for _ in range(4)]
+
+
+def time_leaves(t, coefficients, dtype=None):
+    """The time inputs as fresh grad-requiring leaves (in dtype, if given)."""
+    if coefficients is None:
+        return leaves(t, dtype=dtype)[0], None
+    return None, leaves(*coefficients, dtype=dtype)
+
+
+def grad_targets(t, coefficients):
+    return [t] if coefficients is None else list(coefficients)
+
+
+def run_interpolant(fn, x, noise, t, schedule, coefficients, gx, gu):
+    xt, ut = fn(x, noise, t, schedule, coefficients=coefficients)
+    inputs = [x, noise, *grad_targets(t, coefficients)]
+    grads = torch.autograd.grad((xt * gx).sum() + (ut * gu).sum(), inputs, allow_unused=True,
+                                materialize_grads=True)
+    return [xt, ut, *grads]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_interpolant_matches_reference(device, shape, dtype, schedule, strided):
+    batch = shape[0]
+    x, noise = randn(shape, dtype, device, strided), randn(shape, dtype, device, strided)
+    gx, gu = randn(shape, dtype, device), randn(shape, dtype, device)
+    t, name, coefficients = time_inputs(schedule, batch, device, strided)
+
+    def run(fn, dtype_=None):
+        xl, nl = leaves(x, noise, dtype=dtype_)
+        tl, cl = time_leaves(t, coefficients, dtype=torch.float64 if dtype_ == torch.float64 else None)
+        g = [v.to(dtype_) if dtype_ else v for v in (gx, gu)]
+        return run_interpolant(fn, xl, nl, tl, name, cl, *g)
+
+    fused = run(ops.interpolant)
+    eager = run(ref.interpolant, dtype)
+    exact = run(ref.interpolant, torch.float64)
+    names = ["x_t", "u_t", "dx", "dnoise"] + (["dt"] if coefficients is None else ["da", "db", "dda", "ddb"])
+    for what, f, e, r in zip(names, fused, eager, exact):
+        assert f.dtype == e.dtype, what
+        assert_close_to_ref(f, e, r, ATOL[dtype], what)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_velocity_mse_matches_reference(device, shape, dtype, schedule, strided):
+    batch = shape[0]
+    pred, x, noise = (randn(shape, dtype, device, strided) for _ in range(3))
+    t, name, coefficients = time_inputs(schedule, batch, device, strided)
+    weight = rand_time(batch, device)
+    upstream = torch.rand(batch, device=device, dtype=torch.float32)
+
+    def run(fn, dtype_=None):
+        pl, xl, nl = leaves(pred, x, noise, dtype=dtype_)
+        f64 = torch.float64 if dtype_ == torch.float64 else None
+        tl, cl = time_leaves(t, coefficients, dtype=f64)
+        wl = leaves(weight, dtype=f64)[0]
+        loss = fn(pl, xl, nl, tl, name, coefficients=cl, weight=wl, reduction="none")
+        inputs = [pl, xl, nl, wl, *grad_targets(tl, cl)]
+        return [loss, *torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), inputs,
+                                            allow_unused=True, materialize_grads=True)]
+
+    fused = run(ops.velocity_mse)
+    eager = run(ref.velocity_mse, dtype)
+    exact = run(ref.velocity_mse, torch.float64)
+    assert fused[0].dtype == torch.float32 and fused[0].shape == (batch,)
+    names = ["loss", "dpred", "dx", "dnoise", "dweight", "dt..."]
+    for i, (f, e, r) in enumerate(zip(fused, eager, exact)):
+        assert_close_to_ref(f, e, r, ATOL[dtype], names[min(i, 5)])
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (8, 1152), (3, 400_000)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_sit_loss_matches_reference(device, shape, dtype, strided):
+    pred, target = randn(shape, dtype, device, strided), randn(shape, dtype, device, strided)
+
+    def run(fn, dtype_=None):
+        pl, tl = leaves(pred, target, dtype=dtype_)
+        loss = fn(pl, tl)
+        return [loss, *torch.autograd.grad(loss * 3.0, [pl, tl])]
+
+    fused, eager, exact = run(sit_ext.sit_loss), run(ref.mse, dtype), run(ref.mse, torch.float64)
+    assert fused[0].dtype == torch.float32 and fused[0].dim() == 0
+    for what, f, e, r in zip(["loss", "dpred", "dtarget"], fused, eager, exact):
+        assert_close_to_ref(f, e, r, ATOL[dtype], what)
+
+
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "none"])
+def test_velocity_mse_reductions(device, mean):
+    x, noise, pred = (torch.randn(6, 5, device=device) for _ in range(3))
+    t = torch.rand(6, device=device)
+    per_sample = ops.velocity_mse(pred, x, noise, t, reduction="none")
+    expected = ref.velocity_mse(pred, x, noise, t, reduction="none")
+    torch.testing.assert_close(per_sample, expected)
+    if mean:
+        torch.testing.assert_close(ops.velocity_mse(pred, x, noise, t), expected.mean())
+
+
+def test_seed_functional_api(device):
+    x, noise = torch.randn(5, 2, 3, device=device), torch.randn(5, 2, 3, device=device)
+    t = torch.rand(5, device=device)
+    tb = t.view(5, 1, 1)
+    torch.testing.assert_close(sit_ext.linear_interpolant(x, noise, t), (1 - tb) * x + tb * noise)
+    torch.testing.assert_close(sit_ext.linear_velocity(x, noise), noise - x)
+    h = torch.pi / 2
+    torch.testing.assert_close(sit_ext.cosine_interpolant(x, noise, t),
+                               torch.cos(h * tb) * x + torch.sin(h * tb) * noise)
+    torch.testing.assert_close(sit_ext.cosine_velocity(x, noise, t),
+                               h * (torch.cos(h * tb) * noise - torch.sin(h * tb) * x))
+    torch.testing.assert_close(sit_ext.sit_loss(x, noise), ((x - noise) ** 2).mean())
+
+
+def test_sample_interpolant_time(device):
+    def draw(seed, **kw):
+        return sit_ext.sample_interpolant_time(1000, generator=torch.Generator(device).manual_seed(seed),
+                                               device=device, **kw)
+
+    t1 = draw(3)
+    assert t1.shape == (1000,) and t1.dtype == torch.float32 and t1.device.type == device
+    assert 0 <= t1.min() and t1.max() < 1 and abs(t1.mean().item() - 0.5) < 0.05
+    assert torch.equal(t1, draw(3)) and not torch.equal(t1, draw(4))
+    assert draw(3, dtype=torch.float64).dtype == torch.float64
+    assert sit_ext.sample_interpolant_time(0, device=device).shape == (0,)
+
+
+# ------------------------------------------------------------------ gradcheck
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gradcheck_float64(schedule):
+    x, noise, pred = (torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    t, name, coefficients = time_inputs(schedule, 3, "cpu", strided=False)
+    t, coefficients = time_leaves(None if t is None else t.double(),
+                                  None if coefficients is None else [c.double() for c in coefficients])
+    time = grad_targets(t, coefficients)
+
+    def split(time_args):
+        return (time_args[0], None) if coefficients is None else (None, list(time_args))
+
+    def interp(x, noise, *time_args):
+        tt, cc = split(time_args)
+        return ops.interpolant(x, noise, tt, name, coefficients=cc)
+
+    def vmse(pred, x, noise, *time_args):
+        tt, cc = split(time_args)
+        return ops.velocity_mse(pred, x, noise, tt, name, coefficients=cc, reduction="none")
+
+    assert torch.autograd.gradcheck(interp, (x, noise, *time))
+    assert torch.autograd.gradcheck(vmse, (pred, x, noise, *time))
+    assert torch.autograd.gradcheck(ops.mse, (pred, x))
+
+
+# -------------------------------------------------------------------- opcheck
+
+
+def opcheck_cases(device):
+    x, noise, pred = (torch.randn(4, 3, 5, device=device) for _ in range(3))
+    t = torch.rand(4, device=device)
+    coef = torch.randn(4, 4, device=device)
+    g = torch.randn(4, 3, 5, device=device)
+    g4 = torch.rand(4, device=device)
+    s = torch.rand((), device=device)
+    need = lambda *ts: [v.requires_grad_() for v in ts]  # noqa: E731
+    ops_ = torch.ops.sit_ext
+    return [
+        (ops_.interpolant.default, (*need(x.clone(), noise.clone(), t.clone()), 1, [True, True])),
+        (ops_.interpolant.default, (x, noise, coef.clone().requires_grad_(), 3, [True, False])),
+        (ops_.interpolant_backward.default, (g, g, x, noise, t, 2, [True, True, True])),
+        (ops_.interpolant_backward.default, (None, g, x, noise, coef, 3, [False, True, True])),
+        (ops_.velocity_mse.default, (*need(pred.clone(), x.clone(), noise.clone(), t.clone()), 0)),
+        (ops_.velocity_mse_backward.default, (g4, pred, x, noise, t, 1, [True, True, True, True])),
+        (ops_.velocity_mse_backward.default, (g4, pred, x, noise, coef, 3, [True, False, False, True])),
+        (ops_.mse.default, tuple(need(pred.clone(), x.clone()))),
+        (ops_.mse_backward.default, (s, pred, x, [True, True])),
+    ]
+
+
+def test_opcheck(device):
+    for op, args in opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph(device):
+    """Forward traced with fullgraph=True; backward compiled by AOTAutograd."""
+    torch._dynamo.reset()
+
+    def step(pred, x, noise, t):
+        xt, ut = ops.interpolant(x, noise, t, "cosine")
+        return ops.velocity_mse(pred * xt, x, noise, t, "cosine") + sit_ext.sit_loss(pred, ut)
+
+    def loss_and_grads(fn):
+        inputs = [a.detach().clone().requires_grad_(i in (0, 3)) for i, a in enumerate(args)]
+        loss = fn(*inputs)
+        loss.backward()
+        return loss, inputs[0].grad, inputs[3].grad
+
+    args = [torch.randn(4, 6, 8, device=device), torch.randn(4, 6, 8, device=device),
+            torch.randn(4, 6, 8, device=device), torch.rand(4, device=device)]
+    got = loss_and_grads(torch.compile(step, fullgraph=True))
+    want = loss_and_grads(step)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_backward_is_deterministic(device):
+    """The per-sample reductions (dt, dcoefficients) have a fixed order: same
+    bits on every run, for any number of CPU threads."""
+    shape = (4, 256, 1152)
+    pred, x, noise = (torch.randn(shape, device=device) for _ in range(3))
+    t = rand_time(4, device).requires_grad_()
+
+    def grads():
+        per_sample = ops.velocity_mse(pred, x, noise, t, "cosine", reduction="none")
+        xt, ut = ops.interpolant(x, noise, t, "vp")
+        dt_loss, = torch.autograd.grad(per_sample, [t], torch.ones_like(per_sample))
+        dt_interp, = torch.autograd.grad([xt, ut], [t], [pred, noise])
+        return per_sample.detach(), dt_loss, dt_interp, sit_ext.sit_loss(pred, x)
+
+    first = grads()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            for _ in range(2):
+                again = grads()
+                assert all(torch.equal(a, b) for a, b in zip(first, again))
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def expect_error(fn, *fragments):
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        fn()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_bad_input(device):
+    x, noise, pred = (torch.randn(4, 3, device=device) for _ in range(3))
+    t = torch.rand(4, device=device)
+    expect_error(lambda: ops.interpolant(x, torch.randn(4, 5, device=device), t), "noise", "shape")
+    expect_error(lambda: ops.velocity_mse(torch.randn(4, 2, device=device), x, noise, t), "pred", "shape")
+    expect_error(lambda: ops.interpolant(x, noise, torch.rand(3, device=device)), "t", "[4]")
+    expect_error(lambda: ops.interpolant(x, noise, torch.rand(4, 1, device=device)), "t", "[4]")
+    expect_error(lambda: ops.interpolant(x, noise.double(), t), "noise", "dtype")
+    expect_error(lambda: ops.interpolant(x.int(), noise.int(), t), "x", "float")
+    expect_error(lambda: ops.interpolant(x, noise, t > 0.5), "t", "float")
+    expect_error(lambda: sit_ext.sit_loss(x.bool(), noise.bool()), "pred", "float")
+    expect_error(lambda: sit_ext.sit_loss(x, noise[:, :2]), "target", "shape")
+    expect_error(lambda: ops.interpolant(x, noise, t, "quadratic"), "unknown schedule", "quadratic")
+    expect_error(lambda: ops.interpolant(x, noise, t, coefficients=[t, t, t]), "coefficients")
+    expect_error(lambda: ops.interpolant(x, noise, coefficients=[t, t, t, t[:2]]), "d_beta", "[4]")
+    expect_error(lambda: ops.velocity_mse(pred, x, noise, t, weight=t[:3]), "weight", "[4]")
+    expect_error(lambda: ops.velocity_mse(pred, x, noise, t, reduction="sum"), "reduction")
+    expect_error(lambda: ops.interpolant(torch.randn((), device=device), torch.randn((), device=device), t),
+                 "x", "0-d")
+    expect_error(lambda: torch.ops.sit_ext.interpolant(x, noise, t, 7, [True, True]), "schedule")
+    other = "meta" if device == "cpu" else "cpu"
+    expect_error(lambda: ops.interpolant(x, noise, t.to(other)), "t", other)
+    expect_error(lambda: ops.velocity_mse(pred.to(other), x, noise, t), "pred", other)
+    expect_error(lambda: sit_ext.sit_loss(x, noise.to(other)), "target", other)
+    expect_error(lambda: sit_ext.sample_interpolant_time(-1), "batch_size")
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 3, 4, device=device, requires_grad=True)
+    noise, pred = torch.randn(0, 3, 4, device=device), torch.randn(0, 3, 4, device=device)
+    t = torch.rand(0, device=device, requires_grad=True)
+    xt, ut = ops.interpolant(x, noise, t, "cosine")
+    assert xt.shape == ut.shape == (0, 3, 4)
+    per_sample = ops.velocity_mse(pred, x, noise, t, reduction="none")
+    assert per_sample.shape == (0,)
+    (xt.sum() + per_sample.sum()).backward()
+    assert x.grad.shape == x.shape and t.grad.shape == (0,)

@@ -22,9 +22,18 @@ Tensor empty_if(bool needed, const Tensor& like) {
   return needed ? at::empty_like(like) : at::empty({0}, like.options());
 }
 
-// Per-sample gradients of t (or of the coefficient table), in t's dtype.
-Tensor to_tensor(const std::vector<double>& values, const Tensor& t) {
-  return at::tensor(values, t.options().dtype(at::kDouble)).view(t.sizes()).to(t.scalar_type());
+// The gradient of t (or of the coefficient table) in t's dtype, from
+// per_sample(b, g), which writes sample b's values into g (in double).
+template <typename PerSample>
+Tensor time_grad(const TimeArg& ta, const Tensor& t, const PerSample& per_sample) {
+  Tensor out = at::empty(t.sizes(), t.options());
+  const int size = time_grad_size(ta);
+  double g[4];
+  for (int64_t b = 0; b < t.size(0); ++b) {
+    per_sample(b, g);
+    for (int k = 0; k < size; ++k) store_as(out.data_ptr(), b * size + k, ta.kind, g[k]);
+  }
+  return out;
 }
 
 Tensor acc_empty(at::IntArrayRef sizes, const Tensor& x) {
@@ -121,10 +130,11 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
       for_each_chunk<0>(a.rows, a.n, nullptr, body);
       return;
     }
-    std::vector<double> sums(a.rows * 4), grad(t.numel());
+    std::vector<double> sums(a.rows * 4);
     for_each_chunk<4>(a.rows, a.n, sums.data(), body);
-    for (int64_t b = 0; b < a.rows; ++b) interpolant_time_grad(a.time, b, &sums[4 * b], grad.data());
-    dt = to_tensor(grad, t);
+    dt = time_grad(a.time, t, [&](int64_t b, double* g) {
+      interpolant_time_grad(a.time, b, &sums[4 * b], g);
+    });
   });
   return {dx, dn, dt};
 }
@@ -220,17 +230,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
       for_each_chunk<0>(a.rows, a.n, nullptr, body);
       return;
     }
-    std::vector<double> sums(a.rows * 2), grad(t.numel());
+    std::vector<double> sums(a.rows * 2);
     for_each_chunk<2>(a.rows, a.n, sums.data(), body);
-    for (int64_t b = 0; b < a.rows; ++b) velocity_mse_time_grad(a.time, b, &sums[2 * b], grad.data());
-    dt = to_tensor(grad, t);
+    dt = time_grad(a.time, t, [&](int64_t b, double* g) {
+      velocity_mse_time_grad(a.time, b, &sums[2 * b], g);
+    });
   });
   return {dp, dx, dn, dt};
 }
 
 Tensor mse(const Tensor& pred_, const Tensor& target_) {
-  check_float("mse", "pred", pred_);
-  check_like("mse", "pred", pred_, "target", target_);
+  check_mse_args("mse", pred_, target_);
   const Tensor pred = pred_.contiguous(), target = target_.contiguous();
   Tensor out = acc_empty({}, pred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mse", [&] {
@@ -258,13 +268,11 @@ Tensor mse(const Tensor& pred_, const Tensor& target_) {
   return out;
 }
 
-std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad, const Tensor& pred_,
+std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad_, const Tensor& pred_,
                                         const Tensor& target_, std::array<bool, 2> mask) {
   constexpr const char* op = "mse_backward";
-  check_float(op, "pred", pred_);
-  check_like(op, "pred", pred_, "target", target_);
-  check_float(op, "grad", grad);
-  TORCH_CHECK(grad.numel() == 1, "sit_ext.", op, ": expected a scalar grad, got shape ", grad.sizes());
+  check_mse_args(op, pred_, target_);
+  const Tensor grad = scalar_grad(op, grad_, pred_);
   const Tensor pred = pred_.contiguous(), target = target_.contiguous();
   Tensor dp = empty_if(mask[0], pred), dq = empty_if(mask[1], pred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), op, [&] {
@@ -275,7 +283,7 @@ std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad, const Tensor& pred_,
     const scalar_t* q = target.const_data_ptr<scalar_t>();
     scalar_t* dp_p = mask[0] ? dp.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* dq_p = mask[1] ? dq.mutable_data_ptr<scalar_t>() : nullptr;
-    const acc_t k = acc_t(2) * grad.item<acc_t>() / acc_t(pred.numel());
+    const acc_t k = acc_t(2) * *grad.const_data_ptr<acc_t>() / acc_t(pred.numel());
     const Vec kv(k);
     for_each_chunk<0>(1, pred.numel(), nullptr, [&](int64_t, int64_t i, int64_t end, double*) {
       for (; i + IO::kSize <= end; i += IO::kSize) {

@@ -124,4 +124,19 @@ inline at::Tensor tensor_grad(const char* op, const char* name, const at::Tensor
   return grad.to(x.scalar_type()).contiguous();
 }
 
+inline void check_mse_args(const char* op, const at::Tensor& pred, const at::Tensor& target) {
+  check_float(op, "pred", pred);
+  check_like(op, "pred", pred, "target", target);
+}
+
+// The upstream gradient of a scalar loss, as a 1-element acc-dtype tensor.
+inline at::Tensor scalar_grad(const char* op, const at::Tensor& grad, const at::Tensor& pred) {
+  check_float(op, "grad", grad);
+  TORCH_CHECK(grad.numel() == 1, "sit_ext.", op, ": expected a scalar grad, got shape ",
+              grad.sizes());
+  TORCH_CHECK(grad.device() == pred.device(), "sit_ext.", op, ": expected grad on ",
+              pred.device(), ", got ", grad.device());
+  return grad.to(at::toOpMathType(pred.scalar_type())).contiguous();
+}
+
 }  // namespace sit_ext

@@ -75,6 +75,23 @@ C10_HOST_DEVICE inline T load_as(const void* p, int64_t i, FloatKind kind) {
   }
 }
 
+template <typename T>
+C10_HOST_DEVICE inline void store_as(void* p, int64_t i, FloatKind kind, T value) {
+  switch (kind) {
+    case FloatKind::kDouble:
+      static_cast<double*>(p)[i] = double(value);
+      break;
+    case FloatKind::kHalf:
+      static_cast<c10::Half*>(p)[i] = c10::Half(float(value));
+      break;
+    case FloatKind::kBFloat16:
+      static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(float(value));
+      break;
+    default:
+      static_cast<float*>(p)[i] = float(value);
+  }
+}
+
 // Where a kernel finds the per-sample coefficients: t [B] for a built-in
 // schedule, or the [B, 4] table (a, b, a', b') for kCoefficients.
 struct TimeArg {
@@ -85,18 +102,24 @@ struct TimeArg {
   int64_t schedule;
 };
 
+// Computed in double and rounded once, so the coefficients are as exact as T
+// allows (the VP schedule's b' and b'' lose digits to cancellation otherwise).
+// Runs once per block or chunk, not per element.
 template <typename T>
 C10_HOST_DEVICE inline Coef<T> sample_coef(const TimeArg& ta, int64_t b) {
+  Coef<double> c;
   if (ta.schedule == kCoefficients) {
     const int64_t o = b * ta.stride0;
-    return {load_as<T>(ta.ptr, o, ta.kind),
-            load_as<T>(ta.ptr, o + ta.stride1, ta.kind),
-            load_as<T>(ta.ptr, o + 2 * ta.stride1, ta.kind),
-            load_as<T>(ta.ptr, o + 3 * ta.stride1, ta.kind),
-            T(0),
-            T(0)};
+    c = {load_as<double>(ta.ptr, o, ta.kind),
+         load_as<double>(ta.ptr, o + ta.stride1, ta.kind),
+         load_as<double>(ta.ptr, o + 2 * ta.stride1, ta.kind),
+         load_as<double>(ta.ptr, o + 3 * ta.stride1, ta.kind),
+         0.0,
+         0.0};
+  } else {
+    c = schedule_coef<double>(ta.schedule, load_as<double>(ta.ptr, b * ta.stride0, ta.kind));
   }
-  return schedule_coef<T>(ta.schedule, load_as<T>(ta.ptr, b * ta.stride0, ta.kind));
+  return {T(c.a), T(c.b), T(c.da), T(c.db), T(c.dda), T(c.ddb)};
 }
 
 // ---- Per-element formulas. V is a scalar or a SIMD vector; C is Coef<V>. ----
@@ -121,19 +144,23 @@ C10_HOST_DEVICE inline V interpolant_grad_noise(const Coef<V>& c, V gx, V gu) {
   return c.b * gx + c.db * gu;
 }
 
+// Number of gradient values per sample for t (1) or the coefficient table (4).
+C10_HOST_DEVICE inline int time_grad_size(const TimeArg& ta) {
+  return ta.schedule == kCoefficients ? 4 : 1;
+}
+
 // Interpolant backward, per sample. The kernels sum, over the sample,
 //   s0 = gx*x, s1 = gx*eps, s2 = gu*x, s3 = gu*eps,
-// which are the gradients of (a, b, a', b'). Writes sample b's gradient of the
-// coefficient table (4 values), or of t by the chain rule (1 value).
+// which are the gradients of (a, b, a', b'). Writes into g sample b's gradient
+// of the coefficient table, or of t by the chain rule.
 template <typename T>
-C10_HOST_DEVICE inline void interpolant_time_grad(const TimeArg& ta, int64_t b, const T* s,
-                                                  T* out) {
+C10_HOST_DEVICE inline void interpolant_time_grad(const TimeArg& ta, int64_t b, const T* s, T* g) {
   if (ta.schedule == kCoefficients) {
-    for (int k = 0; k < 4; ++k) out[4 * b + k] = s[k];
+    for (int k = 0; k < 4; ++k) g[k] = s[k];
     return;
   }
   const Coef<T> c = sample_coef<T>(ta, b);
-  out[b] = c.da * s[0] + c.db * s[1] + c.dda * s[2] + c.ddb * s[3];
+  g[0] = c.da * s[0] + c.db * s[1] + c.dda * s[2] + c.ddb * s[3];
 }
 
 // Velocity MSE: residual r = pred - u_t; the loss averages r^2 over the sample.
@@ -141,16 +168,16 @@ C10_HOST_DEVICE inline void interpolant_time_grad(const TimeArg& ta, int64_t b, 
 // the per-sample sums s0 = du*x, s1 = du*eps are the gradients of (a', b').
 template <typename T>
 C10_HOST_DEVICE inline void velocity_mse_time_grad(const TimeArg& ta, int64_t b, const T* s,
-                                                   T* out) {
+                                                   T* g) {
   if (ta.schedule == kCoefficients) {
-    out[4 * b] = T(0);
-    out[4 * b + 1] = T(0);
-    out[4 * b + 2] = s[0];
-    out[4 * b + 3] = s[1];
+    g[0] = T(0);
+    g[1] = T(0);
+    g[2] = s[0];
+    g[3] = s[1];
     return;
   }
   const Coef<T> c = sample_coef<T>(ta, b);
-  out[b] = c.dda * s[0] + c.ddb * s[1];
+  g[0] = c.dda * s[0] + c.ddb * s[1];
 }
 
 }  // namespace sit_ext

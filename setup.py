@@ -84,7 +84,10 @@ def wheel_cuda_include_dirs(cuda_home):
 
 def extension():
     cpu_level = cpu_capability()
-    cxx = ["-O3", "-g0", "-Wno-unknown-pragmas", f'-DSIT_EXT_CPU_CAPABILITY="{cpu_level}"']
+    # -fopenmp: at::parallel_for is OpenMP in torch's headers; without it the CPU
+    # kernels run on one thread. The libgomp.so.1 that torch ships is reused.
+    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas", f'-DSIT_EXT_CPU_CAPABILITY="{cpu_level}"']
+    link = ["-fopenmp"]
     if cpu_level == "AVX2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -96,7 +99,7 @@ def extension():
                else "torch is a CPU build" if torch.version.cuda is None else "no nvcc found")
         print(f"sit_ext: building CPU kernels only ({why})")
         return CppExtension("sit_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     include_dirs += wheel_cuda_include_dirs(_cuda_home)
@@ -104,7 +107,7 @@ def extension():
     cxx += [f'-DSIT_EXT_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension("sit_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                         include_dirs=include_dirs,
+                         include_dirs=include_dirs, extra_link_args=link,
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 

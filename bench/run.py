@@ -1,0 +1,42 @@
+"""Kernel benchmarks: fused vs eager vs torch.compile, on CPU and CUDA.
+
+    python bench/run.py                      # every op, on CUDA if present, else CPU
+    python bench/run.py --op velocity_mse --device cpu --batch 16
+    python bench/run.py --quick              # one size, one batch
+
+Prints a table of medians, ratios and GB/s, and writes JSON under bench/results/.
+"""
+
+import argparse
+import datetime
+import os
+import re
+
+import torch
+
+from sit_ext import benchmark
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_out(device: str) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return os.path.join(HERE, "results", f"{datetime.date.today()}-{slug}-ops.json")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", nargs="+", default=["all"], choices=["all", *benchmark.OP_FAMILIES])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", nargs="+", type=int)
+    parser.add_argument("--quick", action="store_true", help="SiT-XL size and one batch only")
+    parser.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-ops.json)")
+    args = parser.parse_args(argv)
+    ops = list(benchmark.OP_FAMILIES) if "all" in args.op else args.op
+    benchmark.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device))
+
+
+if __name__ == "__main__":
+    main()

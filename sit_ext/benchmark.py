@@ -1,0 +1,305 @@
+"""Benchmarks: each fused op against its eager reference and against
+torch.compile(reference, dynamic=False), forward and forward + backward.
+
+Timing takes the median after a warm-up: CUDA events on a GPU (inputs rotated
+so that the L2 cache does not serve them), perf_counter on the CPU. Bandwidth
+is counted against the bytes that must move: each input read once and each
+output written once. Run it through `python bench/run.py` or `sit-ext bench`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from . import reference as ref
+from ._build import build_info
+
+# (name, D) of the SiT sizes; T = 256 tokens (SiT-*/2 at 256x256).
+SIT_SIZES = [("S", 384), ("B", 768), ("XL", 1152)]
+TOKENS = 256
+VARIANTS = ("fused", "eager", "compiled")
+
+
+@dataclass
+class Case:
+    """One op at one size: `run[variant]()` executes it once."""
+
+    op: str
+    mode: str  # "fwd" or "fwd+bwd"
+    size: str
+    shape: tuple
+    dtype: torch.dtype
+    bytes: int
+    run: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_median(fn: Callable[[], object], device: torch.device, warmup: int = 3,
+                min_reps: int = 5, min_seconds: float = 0.3) -> float:
+    """Median seconds per call of fn, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_reps or time.perf_counter() - start < min_seconds:
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        if len(samples) >= 1000:
+            break
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device copy bandwidth in GB/s: a large copy, counting bytes read + written."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    seconds = time_median(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+class _Rotation:
+    """Cycles through copies of the inputs, so that on a GPU each call reads
+    memory that the previous calls did not leave in the L2 cache."""
+
+    def __init__(self, make: Callable[[], dict], copies: int):
+        self.sets = [make() for _ in range(copies)]
+        self.i = 0
+
+    def next(self) -> dict:
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+def _copies(device: torch.device, footprint: int) -> int:
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, min(8, math.ceil(4 * l2 / max(footprint, 1))))
+
+
+def _case(op, mode, size, shape, dtype, device, bytes_, make, variants, footprint) -> Case:
+    rotation = _Rotation(make, _copies(device, footprint))
+    case = Case(op, mode, size, shape, dtype, bytes_)
+    for name, fn in variants.items():
+        case.run[name] = (lambda fn=fn: fn(**rotation.next()))
+    return case
+
+
+def _grad(outputs, inputs, grads=None):
+    return torch.autograd.grad(outputs, inputs, grads)
+
+
+# ---------------------------------------------------------------- op cases
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def interpolant_cases(shape, dtype, device, size) -> list[Case]:
+    """x_t and u_t of the linear path; backward to x and noise."""
+    n = math.prod(shape)
+    es = torch.tensor([], dtype=dtype).element_size()
+
+    def make(grad):
+        return dict(x=torch.randn(shape, dtype=dtype, device=device, requires_grad=grad),
+                    noise=torch.randn(shape, dtype=dtype, device=device, requires_grad=grad),
+                    t=torch.rand(shape[0], device=device),
+                    g=torch.randn(shape, dtype=dtype, device=device) if grad else None)
+
+    impls = {"fused": ops.interpolant, "eager": ref.interpolant, "compiled": _compiled(ref.interpolant)}
+    fwd = {k: (lambda f: lambda x, noise, t, g: f(x, noise, t, "linear"))(f) for k, f in impls.items()}
+    bwd = {k: (lambda f: lambda x, noise, t, g: _grad(f(x, noise, t, "linear"), [x, noise], [g, g]))(f)
+           for k, f in impls.items()}
+    return [
+        _case("interpolant", "fwd", size, shape, dtype, device, 4 * n * es, lambda: make(False), fwd,
+              4 * n * es),
+        # forward 4n, backward reads 2 grads, writes dx, dnoise
+        _case("interpolant", "fwd+bwd", size, shape, dtype, device, 8 * n * es, lambda: make(True), bwd,
+              5 * n * es),
+    ]
+
+
+def velocity_mse_cases(shape, dtype, device, size) -> list[Case]:
+    """Per-sample velocity MSE with the target computed inside; backward to pred."""
+    n = math.prod(shape)
+    es = torch.tensor([], dtype=dtype).element_size()
+
+    def make():
+        return dict(pred=torch.randn(shape, dtype=dtype, device=device, requires_grad=True),
+                    x=torch.randn(shape, dtype=dtype, device=device),
+                    noise=torch.randn(shape, dtype=dtype, device=device),
+                    t=torch.rand(shape[0], device=device))
+
+    impls = {"fused": ops.velocity_mse, "eager": ref.velocity_mse,
+             "compiled": _compiled(ref.velocity_mse)}
+    fwd = {k: (lambda f: lambda pred, x, noise, t: f(pred, x, noise, t, "linear"))(f)
+           for k, f in impls.items()}
+    bwd = {k: (lambda f: lambda pred, x, noise, t: _grad(f(pred, x, noise, t, "linear"), [pred]))(f)
+           for k, f in impls.items()}
+    return [
+        _case("velocity_mse", "fwd", size, shape, dtype, device, 3 * n * es, make, fwd, 3 * n * es),
+        # forward reads 3n; backward reads pred, x, noise and writes dpred
+        _case("velocity_mse", "fwd+bwd", size, shape, dtype, device, 7 * n * es, make, bwd, 4 * n * es),
+    ]
+
+
+def mse_cases(shape, dtype, device, size) -> list[Case]:
+    n = math.prod(shape)
+    es = torch.tensor([], dtype=dtype).element_size()
+
+    def make():
+        return dict(pred=torch.randn(shape, dtype=dtype, device=device, requires_grad=True),
+                    target=torch.randn(shape, dtype=dtype, device=device))
+
+    impls = {"fused": ops.mse, "eager": ref.mse, "compiled": _compiled(ref.mse)}
+    fwd = {k: (lambda f: lambda pred, target: f(pred, target))(f) for k, f in impls.items()}
+    bwd = {k: (lambda f: lambda pred, target: _grad(f(pred, target), [pred]))(f) for k, f in impls.items()}
+    return [
+        _case("mse", "fwd", size, shape, dtype, device, 2 * n * es, make, fwd, 2 * n * es),
+        _case("mse", "fwd+bwd", size, shape, dtype, device, 5 * n * es, make, bwd, 3 * n * es),
+    ]
+
+
+OP_FAMILIES: dict[str, Callable[..., list[Case]]] = {
+    "interpolant": interpolant_cases,
+    "velocity_mse": velocity_mse_cases,
+    "mse": mse_cases,
+}
+
+
+def default_batches(device: torch.device, quick: bool) -> list[int]:
+    if device.type == "cuda":
+        return [32] if quick else [8, 32, 128, 256]
+    return [4] if quick else [4, 16]
+
+
+# ----------------------------------------------------------------- running
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+        "build": build_info(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_cases(cases: list[Case], device: torch.device, copy_gbs: float | None,
+              log: Callable[[str], None] = print) -> list[dict]:
+    rows = []
+    for case in cases:
+        row = {"op": case.op, "mode": case.mode, "size": case.size, "shape": list(case.shape),
+               "dtype": str(case.dtype).removeprefix("torch."), "bytes": case.bytes}
+        for variant, fn in case.run.items():
+            seconds = time_median(fn, device)
+            row[variant] = {"ms": seconds * 1e3, "gbs": case.bytes / seconds / 1e9}
+        for other in ("eager", "compiled"):
+            if other in row:
+                row[f"x_vs_{other}"] = row[other]["ms"] / row["fused"]["ms"]
+        if copy_gbs:
+            row["pct_of_copy"] = 100 * row["fused"]["gbs"] / copy_gbs
+        rows.append(row)
+        log(format_row(row))
+    return rows
+
+
+def format_header() -> str:
+    return (f"{'op':<28}{'mode':<9}{'size':<6}{'shape':<18}{'dtype':<10}"
+            f"{'fused ms':>10}{'eager ms':>10}{'compiled':>10}{'x eager':>9}{'x compile':>10}"
+            f"{'GB/s':>8}{'% copy':>8}")
+
+
+def format_row(row: dict) -> str:
+    def ms(v):
+        return f"{row[v]['ms']:>10.3f}" if v in row else f"{'-':>10}"
+
+    pct = f"{row['pct_of_copy']:>8.1f}" if "pct_of_copy" in row else f"{'-':>8}"
+    shape = "x".join(str(s) for s in row["shape"])
+    return (f"{row['op']:<28}{row['mode']:<9}{row['size']:<6}{shape:<18}{row['dtype']:<10}"
+            f"{ms('fused')}{ms('eager')}{ms('compiled')}"
+            f"{row.get('x_vs_eager', float('nan')):>9.2f}{row.get('x_vs_compiled', float('nan')):>10.2f}"
+            f"{row['fused']['gbs']:>8.1f}{pct}")
+
+
+def run(ops_: list[str], device: str = "cpu", dtypes: list[str] | None = None,
+        batches: list[int] | None = None, quick: bool = False, out: str | None = None,
+        log: Callable[[str], None] = print) -> dict:
+    """Runs the op benchmarks and writes JSON to `out` (when given)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA requested but no CUDA device is available")
+    dtypes = dtypes or (["bfloat16", "float32"] if dev.type == "cuda" else ["float32"])
+    batches = batches or default_batches(dev, quick)
+    sizes = SIT_SIZES[-1:] if quick else SIT_SIZES
+    unknown = set(ops_) - set(OP_FAMILIES)
+    if unknown:
+        raise SystemExit(f"unknown op(s) {sorted(unknown)}: choose from {sorted(OP_FAMILIES)}")
+
+    copy_gbs = copy_bandwidth(dev) if dev.type == "cuda" else None
+    result = {"meta": machine_info(dev), "copy_bandwidth_gbs": copy_gbs, "results": []}
+    log(f"# {result['meta'].get('device_name', result['meta']['cpu'])}, torch {torch.__version__}"
+        + (f", copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else ""))
+    log(format_header())
+    for op in ops_:
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            for size, d in sizes:
+                for b in batches:
+                    cases = OP_FAMILIES[op]((b, TOKENS, d), dtype, dev, f"{size}")
+                    result["results"] += run_cases(cases, dev, copy_gbs, log)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"# wrote {out}")
+    return result

@@ -10,6 +10,7 @@ output written once. Run it through `python bench/run.py` or `sit-ext bench`.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -121,8 +122,26 @@ def _grad(outputs, inputs, grads=None):
 # ---------------------------------------------------------------- op cases
 
 
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
+def _impls(fused, reference) -> dict[str, Callable]:
+    return {"fused": fused, "eager": reference, "compiled": torch.compile(reference, dynamic=False)}
+
+
+def _allow_recompiles() -> None:
+    """Every size is compiled for its own shapes (dynamic=False); without this,
+    dynamo falls back to eager after 8 shapes per function and the "compiled"
+    column would silently time eager code."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, 1024)
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, 4096)
+
+
+def _variants(impls: dict[str, Callable], body: Callable) -> dict[str, Callable]:
+    """{variant: fn(**inputs)} that runs body(implementation, **inputs)."""
+    return {name: functools.partial(body, impl) for name, impl in impls.items()}
 
 
 def interpolant_cases(shape, dtype, device, size) -> list[Case]:
@@ -136,16 +155,19 @@ def interpolant_cases(shape, dtype, device, size) -> list[Case]:
                     t=torch.rand(shape[0], device=device),
                     g=torch.randn(shape, dtype=dtype, device=device) if grad else None)
 
-    impls = {"fused": ops.interpolant, "eager": ref.interpolant, "compiled": _compiled(ref.interpolant)}
-    fwd = {k: (lambda f: lambda x, noise, t, g: f(x, noise, t, "linear"))(f) for k, f in impls.items()}
-    bwd = {k: (lambda f: lambda x, noise, t, g: _grad(f(x, noise, t, "linear"), [x, noise], [g, g]))(f)
-           for k, f in impls.items()}
+    def fwd(f, x, noise, t, g):
+        return f(x, noise, t, "linear")
+
+    def bwd(f, x, noise, t, g):
+        return _grad(f(x, noise, t, "linear"), [x, noise], [g, g])
+
+    impls = _impls(ops.interpolant, ref.interpolant)
     return [
-        _case("interpolant", "fwd", size, shape, dtype, device, 4 * n * es, lambda: make(False), fwd,
-              4 * n * es),
+        _case("interpolant", "fwd", size, shape, dtype, device, 4 * n * es, lambda: make(False),
+              _variants(impls, fwd), 4 * n * es),
         # forward 4n, backward reads 2 grads, writes dx, dnoise
-        _case("interpolant", "fwd+bwd", size, shape, dtype, device, 8 * n * es, lambda: make(True), bwd,
-              5 * n * es),
+        _case("interpolant", "fwd+bwd", size, shape, dtype, device, 8 * n * es, lambda: make(True),
+              _variants(impls, bwd), 5 * n * es),
     ]
 
 
@@ -160,16 +182,19 @@ def velocity_mse_cases(shape, dtype, device, size) -> list[Case]:
                     noise=torch.randn(shape, dtype=dtype, device=device),
                     t=torch.rand(shape[0], device=device))
 
-    impls = {"fused": ops.velocity_mse, "eager": ref.velocity_mse,
-             "compiled": _compiled(ref.velocity_mse)}
-    fwd = {k: (lambda f: lambda pred, x, noise, t: f(pred, x, noise, t, "linear"))(f)
-           for k, f in impls.items()}
-    bwd = {k: (lambda f: lambda pred, x, noise, t: _grad(f(pred, x, noise, t, "linear"), [pred]))(f)
-           for k, f in impls.items()}
+    def fwd(f, pred, x, noise, t):
+        return f(pred, x, noise, t, "linear")
+
+    def bwd(f, pred, x, noise, t):
+        return _grad(f(pred, x, noise, t, "linear"), [pred])
+
+    impls = _impls(ops.velocity_mse, ref.velocity_mse)
     return [
-        _case("velocity_mse", "fwd", size, shape, dtype, device, 3 * n * es, make, fwd, 3 * n * es),
+        _case("velocity_mse", "fwd", size, shape, dtype, device, 3 * n * es, make,
+              _variants(impls, fwd), 3 * n * es),
         # forward reads 3n; backward reads pred, x, noise and writes dpred
-        _case("velocity_mse", "fwd+bwd", size, shape, dtype, device, 7 * n * es, make, bwd, 4 * n * es),
+        _case("velocity_mse", "fwd+bwd", size, shape, dtype, device, 7 * n * es, make,
+              _variants(impls, bwd), 4 * n * es),
     ]
 
 
@@ -181,12 +206,17 @@ def mse_cases(shape, dtype, device, size) -> list[Case]:
         return dict(pred=torch.randn(shape, dtype=dtype, device=device, requires_grad=True),
                     target=torch.randn(shape, dtype=dtype, device=device))
 
-    impls = {"fused": ops.mse, "eager": ref.mse, "compiled": _compiled(ref.mse)}
-    fwd = {k: (lambda f: lambda pred, target: f(pred, target))(f) for k, f in impls.items()}
-    bwd = {k: (lambda f: lambda pred, target: _grad(f(pred, target), [pred]))(f) for k, f in impls.items()}
+    def fwd(f, pred, target):
+        return f(pred, target)
+
+    def bwd(f, pred, target):
+        return _grad(f(pred, target), [pred])
+
+    impls = _impls(ops.mse, ref.mse)
     return [
-        _case("mse", "fwd", size, shape, dtype, device, 2 * n * es, make, fwd, 2 * n * es),
-        _case("mse", "fwd+bwd", size, shape, dtype, device, 5 * n * es, make, bwd, 3 * n * es),
+        _case("mse", "fwd", size, shape, dtype, device, 2 * n * es, make, _variants(impls, fwd), 2 * n * es),
+        _case("mse", "fwd+bwd", size, shape, dtype, device, 5 * n * es, make, _variants(impls, bwd),
+              3 * n * es),
     ]
 
 
@@ -285,6 +315,7 @@ def run(ops_: list[str], device: str = "cpu", dtypes: list[str] | None = None,
     if unknown:
         raise SystemExit(f"unknown op(s) {sorted(unknown)}: choose from {sorted(OP_FAMILIES)}")
 
+    _allow_recompiles()
     copy_gbs = copy_bandwidth(dev) if dev.type == "cuda" else None
     result = {"meta": machine_info(dev), "copy_bandwidth_gbs": copy_gbs, "results": []}
     log(f"# {result['meta'].get('device_name', result['meta']['cpu'])}, torch {torch.__version__}"

@@ -4,12 +4,12 @@ torch.compile, determinism and bad input."""
 
 import pytest
 import torch
+from conftest import ATOL, DTYPES
 from helpers import assert_close_to_ref, leaves, rand_time, randn
 
 import sit_ext
 from sit_ext import ops
 from sit_ext import reference as ref
-from conftest import ATOL, DTYPES
 
 SHAPES = [(8, 1), (8, 7), (8, 1152), (4, 3, 8, 8), (3, 400_000)]  # the last: 1.2e6 elements
 SCHEDULES = ["linear", "cosine", "vp", "coefficients"]

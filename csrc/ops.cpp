@@ -49,4 +49,26 @@ TORCH_LIBRARY(sit_ext, m) {
   // Mean of (pred - target)^2 over all elements, as a 0-d fp32 (fp64) tensor.
   m.def("mse(Tensor pred, Tensor target) -> Tensor");
   m.def("mse_backward(Tensor grad, Tensor pred, Tensor target, bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // ---- AdaLN-Zero family. x, h: [B, T, D] or [B, D]; shift, scale, gate: [B, D],
+  // inner stride 1, any outer stride (the views chunk(6, dim=1) makes). LayerNorm
+  // has no affine; mean and rstd ([B, T] or [B], fp32) are saved for backward.
+  // y = LN(x) (1 + scale) + shift.
+  m.def("ln_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ln_modulate_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor mean, Tensor rstd, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // x_out = x + gate h, y = LN(x_out) (1 + scale) + shift.
+  m.def(
+      "gated_residual_ln_modulate(Tensor x, Tensor h, Tensor gate, Tensor shift, Tensor scale, "
+      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gated_residual_ln_modulate_backward(Tensor? grad_x_out, Tensor grad_y, Tensor x_out, "
+      "Tensor h, Tensor gate, Tensor scale, Tensor mean, Tensor rstd, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x + gate h. Its backward gives (dh, dgate); dx is the incoming gradient itself.
+  m.def("gated_residual(Tensor x, Tensor h, Tensor gate) -> Tensor");
+  m.def(
+      "gated_residual_backward(Tensor grad, Tensor h, Tensor gate, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
 }

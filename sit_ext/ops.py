@@ -216,3 +216,137 @@ torch.library.register_autograd("sit_ext::mse", _mse_backward, setup_context=_ms
 def _(grad, pred, target, output_mask):
     _check_devices("mse_backward", pred=pred, target=target, grad=grad)
     return tuple(pred.new_empty(pred.shape if need else (0,)) for need in output_mask)
+
+
+# ------------------------------------------------------------- AdaLN-Zero
+#
+# x, h: [B, T, D] or [B, D]; shift, scale, gate: [B, D] with inner stride 1,
+# used in place (the strided views that chunk(6, dim=1) makes are fine).
+
+
+def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """y = LayerNorm(x) (1 + scale) + shift, LayerNorm without affine."""
+    return _ops.ln_modulate.default(x, shift, scale, eps)[0]
+
+
+def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                               eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(x_out, y) with x_out = x + gate h and y = LayerNorm(x_out) (1 + scale) + shift:
+    the end of one sub-block and the start of the next, in one pass."""
+    x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(x, h, gate, shift, scale, eps)
+    return x_out, y
+
+
+def gated_residual(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+    """x + gate h."""
+    return _ops.gated_residual.default(x, h, gate)
+
+
+def _stats_like(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+
+
+def _per_sample_like(x: Tensor, needed: bool) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[-1]) if needed else (0,))
+
+
+@torch.library.register_fake("sit_ext::ln_modulate")
+def _(x, shift, scale, eps):
+    _check_devices("ln_modulate", x=x, shift=shift, scale=scale)
+    return x.new_empty(x.shape), _stats_like(x), _stats_like(x)
+
+
+def _ln_modulate_setup(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_modulate_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    grads = _ops.ln_modulate_backward.default(grad_y, x, scale, mean, rstd, mask)
+    return *_grads(mask, grads), None
+
+
+torch.library.register_autograd("sit_ext::ln_modulate", _ln_modulate_backward,
+                                setup_context=_ln_modulate_setup)
+
+
+@torch.library.register_fake("sit_ext::ln_modulate_backward")
+def _(grad_y, x, scale, mean, rstd, output_mask):
+    _check_devices("ln_modulate_backward", x=x, grad_y=grad_y, scale=scale, mean=mean, rstd=rstd)
+    return (x.new_empty(x.shape if output_mask[0] else (0,)),
+            _per_sample_like(x, output_mask[1]), _per_sample_like(x, output_mask[2]))
+
+
+@torch.library.register_fake("sit_ext::gated_residual_ln_modulate")
+def _(x, h, gate, shift, scale, eps):
+    _check_devices("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale)
+    return x.new_empty(x.shape), x.new_empty(x.shape), _stats_like(x), _stats_like(x)
+
+
+def _grlm_setup(ctx, inputs, output):
+    _, h, gate, _, scale, _ = inputs
+    x_out, _, mean, rstd = output
+    ctx.save_for_backward(x_out, h, gate, scale, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _grlm_backward(ctx, grad_x_out, grad_y, _grad_mean, _grad_rstd):
+    x_out, h, gate, scale, mean, rstd = ctx.saved_tensors
+    need_x, need_h, need_gate, need_shift, need_scale = ctx.needs_input_grad[:5]
+    if grad_y is None:
+        # Only the residual stream was used: the LayerNorm branch passes nothing.
+        if grad_x_out is None:
+            return (None,) * 6
+        dh, dgate = _ops.gated_residual_backward.default(grad_x_out, h, gate, [need_h, need_gate])
+        return (grad_x_out if need_x else None, dh if need_h else None, dgate if need_gate else None,
+                None, None, None)
+    mask = [need_x, need_h, need_gate, need_shift, need_scale]
+    grads = _ops.gated_residual_ln_modulate_backward.default(
+        grad_x_out, grad_y, x_out, h, gate, scale, mean, rstd, mask)
+    return *_grads(mask, grads), None
+
+
+torch.library.register_autograd("sit_ext::gated_residual_ln_modulate", _grlm_backward,
+                                setup_context=_grlm_setup)
+
+
+@torch.library.register_fake("sit_ext::gated_residual_ln_modulate_backward")
+def _(grad_x_out, grad_y, x_out, h, gate, scale, mean, rstd, output_mask):
+    _check_devices("gated_residual_ln_modulate_backward", x_out=x_out, grad_y=grad_y, h=h, gate=gate,
+                   scale=scale, mean=mean, rstd=rstd, grad_x_out=grad_x_out)
+    return (x_out.new_empty(x_out.shape if output_mask[0] else (0,)),
+            x_out.new_empty(x_out.shape if output_mask[1] else (0,)),
+            *(_per_sample_like(x_out, m) for m in output_mask[2:]))
+
+
+@torch.library.register_fake("sit_ext::gated_residual")
+def _(x, h, gate):
+    _check_devices("gated_residual", x=x, h=h, gate=gate)
+    return x.new_empty(x.shape)
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    _, h, gate = inputs
+    ctx.save_for_backward(h, gate)
+
+
+def _gated_residual_backward(ctx, grad):
+    h, gate = ctx.saved_tensors
+    need_x, need_h, need_gate = ctx.needs_input_grad[:3]
+    dh, dgate = _ops.gated_residual_backward.default(grad, h, gate, [need_h, need_gate])
+    return grad if need_x else None, dh if need_h else None, dgate if need_gate else None
+
+
+torch.library.register_autograd("sit_ext::gated_residual", _gated_residual_backward,
+                                setup_context=_gated_residual_setup)
+
+
+@torch.library.register_fake("sit_ext::gated_residual_backward")
+def _(grad, h, gate, output_mask):
+    _check_devices("gated_residual_backward", grad=grad, h=h, gate=gate)
+    return grad.new_empty(grad.shape if output_mask[0] else (0,)), _per_sample_like(grad, output_mask[1])

@@ -59,3 +59,26 @@ def velocity_mse(pred: Tensor, x: Tensor, noise: Tensor, t: Tensor | None = None
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:
     return ((pred - target) ** 2).mean()
+
+
+# ------------------------------------------------------------- AdaLN-Zero
+
+
+def _tokens(v: Tensor, x: Tensor) -> Tensor:
+    """A per-sample [B, D] vector broadcast over x's tokens ([B, T, D] or [B, D])."""
+    return v.unsqueeze(1) if x.dim() == 3 else v
+
+
+def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    normed = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
+    return normed * (1 + _tokens(scale, x)) + _tokens(shift, x)
+
+
+def gated_residual(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+    return x + _tokens(gate, x) * h
+
+
+def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                               eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    x_out = gated_residual(x, h, gate)
+    return x_out, ln_modulate(x_out, shift, scale, eps)

@@ -139,4 +139,54 @@ inline at::Tensor scalar_grad(const char* op, const at::Tensor& grad, const at::
   return grad.to(at::toOpMathType(pred.scalar_type())).contiguous();
 }
 
+// ---- AdaLN-Zero family.
+
+// x (and h, when given) as contiguous [B, T, D] data; [B, D] counts as T = 1.
+struct AdalnArgs {
+  at::Tensor x, h;
+  int64_t batch, tokens, dim;
+};
+
+inline AdalnArgs adaln_args(const char* op, const char* x_name, const at::Tensor& x,
+                            const at::Tensor& h = at::Tensor()) {
+  check_float(op, x_name, x);
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "sit_ext.", op, ": expected ", x_name,
+              " of shape [B, T, D] or [B, D], got ", x.sizes());
+  TORCH_CHECK(x.size(-1) >= 1, "sit_ext.", op, ": expected D >= 1, got ", x_name, " of shape ",
+              x.sizes());
+  if (h.defined()) check_like(op, x_name, x, "h", h);
+  return {x.contiguous(), h.defined() ? h.contiguous() : h, x.size(0),
+          x.dim() == 3 ? x.size(1) : 1, x.size(-1)};
+}
+
+// A per-sample modulation vector (shift, scale, gate): [B, D] with inner stride
+// 1, used in place whatever its outer stride (chunk(6, dim=1) views work).
+inline void check_modulation(const char* op, const char* name, const at::Tensor& v,
+                             const AdalnArgs& a) {
+  check_float(op, name, v);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == a.batch && v.size(1) == a.dim, "sit_ext.", op,
+              ": expected ", name, " of shape [", a.batch, ", ", a.dim, "], got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == a.x.scalar_type(), "sit_ext.", op, ": expected ", name,
+              " to have the dtype of x (", a.x.scalar_type(), "), got ", v.scalar_type());
+  TORCH_CHECK(v.device() == a.x.device(), "sit_ext.", op, ": expected ", name, " on ",
+              a.x.device(), ", got ", v.device());
+  TORCH_CHECK(v.stride(1) == 1 || a.dim == 1, "sit_ext.", op, ": expected ", name,
+              " to have inner stride 1 (a [B, D] view with contiguous rows), got strides ",
+              v.strides());
+}
+
+// The saved row statistics: shape x.shape[:-1], float32 (float64 for float64).
+inline void check_stats(const char* op, const at::Tensor& mean, const at::Tensor& rstd,
+                        const at::Tensor& x) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  for (const at::Tensor* s : {&mean, &rstd}) {
+    const char* name = s == &mean ? "mean" : "rstd";
+    TORCH_CHECK(s->sizes() == x.sizes().slice(0, x.dim() - 1) && s->scalar_type() == acc &&
+                    s->device() == x.device() && s->is_contiguous(),
+                "sit_ext.", op, ": expected ", name, " as saved by the forward (contiguous ", acc,
+                " of shape ", x.sizes().slice(0, x.dim() - 1), " on ", x.device(), "), got ",
+                s->scalar_type(), " ", s->sizes());
+  }
+}
+
 }  // namespace sit_ext

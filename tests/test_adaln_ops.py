@@ -1,0 +1,206 @@
+"""The AdaLN-Zero ops (ln_modulate, gated_residual_ln_modulate, gated_residual)
+against their pure-PyTorch references: values and all gradients, dtypes, D,
+strided chunk(6) views, gradcheck, opcheck, torch.compile, determinism and bad
+input."""
+
+import pytest
+import torch
+from conftest import ATOL, DTYPES
+from helpers import assert_close_to_ref, leaves
+
+from sit_ext import ops
+from sit_ext import reference as ref
+
+# [B, T, D] and [B, D] shapes; D = 384, 768, 1024, 1152 are first-class, 1 and 7 are odd.
+SHAPES = [(2, 5, 1), (3, 4, 7), (2, 16, 384), (2, 8, 768), (5, 1024), (2, 8, 1152), (4, 256, 1152)]
+OPS = ["ln_modulate", "gated_residual_ln_modulate", "gated_residual"]
+
+
+def modulation(batch, dim, dtype, device, chunked):
+    """(shift, scale, gate): the strided views chunk(6, dim=1) makes of one
+    [B, 6D] tensor (as in a SiT block), or three contiguous [B, D] tensors."""
+    if chunked:
+        return torch.randn(batch, 6 * dim, dtype=dtype, device=device).chunk(6, dim=1)[:3]
+    return [torch.randn(batch, dim, dtype=dtype, device=device) for _ in range(3)]
+
+
+def run_op(impl, name, x, h, shift, scale, gate, upstream):
+    """Forward, then the gradients of every input, for one op."""
+    if name == "ln_modulate":
+        outputs, inputs = [impl.ln_modulate(x, shift, scale)], [x, shift, scale]
+    elif name == "gated_residual":
+        outputs, inputs = [impl.gated_residual(x, h, gate)], [x, h, gate]
+    else:
+        outputs, inputs = list(impl.gated_residual_ln_modulate(x, h, gate, shift, scale)), [x, h, gate, shift, scale]
+    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outputs, upstream))
+    return outputs + list(torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "contiguous"])
+def test_matches_reference(device, shape, dtype, name, chunked):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    h = torch.randn(shape, dtype=dtype, device=device)
+    shift, scale, gate = modulation(shape[0], shape[-1], dtype, device, chunked)
+    upstream = [torch.randn(shape, dtype=dtype, device=device) for _ in range(2)]
+
+    def run(impl, dtype_=None):
+        return run_op(impl, name, *leaves(x, h, shift, scale, gate, dtype=dtype_), upstream)
+
+    fused, eager, exact = run(ops), run(ref, dtype), run(ref, torch.float64)
+    for i, (f, e, r) in enumerate(zip(fused, eager, exact)):
+        assert f.dtype == dtype
+        assert_close_to_ref(f, e, r, ATOL[dtype], f"{name} result {i}")
+
+
+def test_strided_x(device):
+    """A non-contiguous x (and h) works: it is read through a contiguous copy."""
+    x = torch.randn(2, 16, 2 * 96, device=device)[..., ::2]
+    h = torch.randn(2, 16, 2 * 96, device=device)[..., ::2]
+    shift, scale, gate = modulation(2, 96, torch.float32, device, chunked=True)
+    for got, want in zip(ops.gated_residual_ln_modulate(x, h, gate, shift, scale),
+                         ref.gated_residual_ln_modulate(x, h, gate, shift, scale)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ops.ln_modulate(x, shift, scale), ref.ln_modulate(x, shift, scale))
+
+
+def test_unused_outputs(device):
+    """Gradients flow when only one output of gated_residual_ln_modulate is used."""
+    x, h = (torch.randn(2, 4, 16, device=device, requires_grad=True) for _ in range(2))
+    params = torch.randn(2, 96, device=device, requires_grad=True)
+    shift, scale, gate = params.chunk(6, dim=1)[:3]
+    for pick in (0, 1):
+        got = torch.autograd.grad(ops.gated_residual_ln_modulate(x, h, gate, shift, scale)[pick].sum(),
+                                  [x, h, params])
+        want = torch.autograd.grad(ref.gated_residual_ln_modulate(x, h, gate, shift, scale)[pick].sum(),
+                                   [x, h, params])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_gradcheck_float64(device):
+    kw = dict(dtype=torch.float64, device=device, requires_grad=True)
+    x, h = torch.randn(2, 3, 5, **kw), torch.randn(2, 3, 5, **kw)
+    params = torch.randn(2, 30, **kw)
+
+    def chunks(p):
+        return p.chunk(6, dim=1)
+
+    assert torch.autograd.gradcheck(lambda x, p: ops.ln_modulate(x, chunks(p)[0], chunks(p)[1]), (x, params))
+    assert torch.autograd.gradcheck(
+        lambda x, h, p: ops.gated_residual_ln_modulate(x, h, chunks(p)[2], chunks(p)[0], chunks(p)[1]),
+        (x, h, params))
+    assert torch.autograd.gradcheck(lambda x, h, p: ops.gated_residual(x, h, chunks(p)[5]), (x, h, params))
+    x2, h2 = torch.randn(3, 4, **kw), torch.randn(3, 4, **kw)  # [B, D]
+    p2 = torch.randn(3, 24, **kw)
+    assert torch.autograd.gradcheck(
+        lambda x, h, p: ops.gated_residual_ln_modulate(x, h, chunks(p)[2], chunks(p)[0], chunks(p)[1]),
+        (x2, h2, p2))
+
+
+def test_opcheck(device):
+    x, h, dy = (torch.randn(2, 4, 8, device=device) for _ in range(3))
+    shift, scale, gate = modulation(2, 8, torch.float32, device, chunked=True)
+    y, mean, rstd = torch.ops.sit_ext.ln_modulate(x, shift, scale, 1e-6)
+    x_out, _, mean2, rstd2 = torch.ops.sit_ext.gated_residual_ln_modulate(x, h, gate, shift, scale, 1e-6)
+    base = torch.randn(2, 48, device=device, requires_grad=True)
+    cs, cc, cg = base.chunk(6, dim=1)[:3]
+    grad_leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    cases = [
+        (torch.ops.sit_ext.ln_modulate.default, (grad_leaf(x), cs, cc, 1e-6)),
+        (torch.ops.sit_ext.ln_modulate_backward.default, (dy, x, scale, mean, rstd, [True, True, True])),
+        (torch.ops.sit_ext.gated_residual_ln_modulate.default, (grad_leaf(x), grad_leaf(h), cg, cs, cc, 1e-5)),
+        (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
+         (dy, dy, x_out, h, gate, scale, mean2, rstd2, [True] * 5)),
+        (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
+         (None, dy, x_out, h, gate, scale, mean2, rstd2, [False, True, True, False, True])),
+        (torch.ops.sit_ext.gated_residual.default, (grad_leaf(x), grad_leaf(h), cg)),
+        (torch.ops.sit_ext.gated_residual_backward.default, (dy, h, gate, [True, True])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph(device):
+    """A SiT-style residual stack through the fused ops, compiled without graph breaks."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(32, 32).to(device)
+
+    def stack(x, c):
+        s1, c1, g1, s2, c2, g2 = c.chunk(6, dim=1)
+        y = ops.ln_modulate(x, s1, c1)
+        x, y = ops.gated_residual_ln_modulate(x, lin(y), g1, s2, c2)
+        return ops.gated_residual(x, lin(y), g2).square().mean()
+
+    x, c = torch.randn(3, 10, 32, device=device), torch.randn(3, 192, device=device)
+
+    def loss_and_grads(fn):
+        xl, cl = x.clone().requires_grad_(), c.clone().requires_grad_()
+        loss = fn(xl, cl)
+        loss.backward()
+        return loss, xl.grad, cl.grad
+
+    for got, want in zip(loss_and_grads(torch.compile(stack, fullgraph=True)), loss_and_grads(stack)):
+        torch.testing.assert_close(got, want)
+
+
+def test_backward_is_deterministic(device):
+    """dshift, dscale and dgate are sums over T in a fixed order: the same bits on
+    every run and for any number of CPU threads."""
+    x, h, dy, dxo = (torch.randn(4, 256, 1152, device=device) for _ in range(4))
+    shift, scale, gate = modulation(4, 1152, torch.float32, device, chunked=True)
+    _, _, mean, rstd = torch.ops.sit_ext.gated_residual_ln_modulate(x, h, gate, shift, scale, 1e-6)
+    x_out = ops.gated_residual(x, h, gate)
+
+    def grads():
+        return torch.ops.sit_ext.gated_residual_ln_modulate_backward(
+            dxo, dy, x_out, h, gate, scale, mean, rstd, [True] * 5)
+
+    first = grads()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            for _ in range(2):
+                assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def expect_error(fn, *fragments):
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        fn()
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+
+
+def test_bad_input(device):
+    x, h = torch.randn(2, 4, 8, device=device), torch.randn(2, 4, 8, device=device)
+    shift, scale, gate = modulation(2, 8, torch.float32, device, chunked=True)
+    expect_error(lambda: ops.gated_residual_ln_modulate(x, h[:, :3], gate, shift, scale), "h", "shape")
+    expect_error(lambda: ops.gated_residual(x, h, gate[:1]), "gate", "[2, 8]")
+    expect_error(lambda: ops.ln_modulate(x, shift[:, :4], scale), "shift", "[2, 8]")
+    expect_error(lambda: ops.ln_modulate(x, shift.double(), scale), "shift", "dtype")
+    expect_error(lambda: ops.gated_residual(x, h.half(), gate), "h", "dtype")
+    expect_error(lambda: ops.ln_modulate(x.int(), shift, scale), "x", "float")
+    expect_error(lambda: ops.ln_modulate(x, shift, torch.randn(8, 2, device=device).t()), "scale", "inner stride")
+    expect_error(lambda: ops.ln_modulate(x[0, 0], shift, scale), "x", "[B, T, D]")
+    expect_error(lambda: ops.ln_modulate(x.unsqueeze(0), shift, scale), "x", "[B, T, D]")
+    expect_error(lambda: ops.ln_modulate(x[..., :0], shift[:, :0], scale[:, :0]), "D >= 1")
+    other = "meta" if device == "cpu" else "cpu"
+    expect_error(lambda: ops.ln_modulate(x, shift.to(other), scale), "shift", other)
+    expect_error(lambda: ops.gated_residual(x, h, gate.to(other)), "gate", other)
+
+
+def test_empty_batch(device):
+    x = torch.randn(0, 4, 8, device=device, requires_grad=True)
+    h = torch.randn(0, 4, 8, device=device, requires_grad=True)
+    params = torch.randn(0, 48, device=device, requires_grad=True)
+    shift, scale, gate = params.chunk(6, dim=1)[:3]
+    x_out, y = ops.gated_residual_ln_modulate(x, h, gate, shift, scale)
+    out = ops.gated_residual(x_out, h, gate) + ops.ln_modulate(x, shift, scale) + y
+    assert out.shape == (0, 4, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and params.grad.shape == params.shape

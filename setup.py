@@ -102,10 +102,13 @@ def extension():
                             extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    include_dirs += wheel_cuda_include_dirs(_cuda_home)
     print(f"sit_ext: building CPU and CUDA kernels (CUDA_HOME={_cuda_home}, archs {archs})")
     cxx += [f'-DSIT_EXT_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    # -isystem: searched after the toolkit's own headers, which keep precedence.
+    for inc in wheel_cuda_include_dirs(_cuda_home):
+        cxx += ["-isystem", inc]
+        nvcc += ["-isystem", inc]
     return CUDAExtension("sit_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
                          include_dirs=include_dirs, extra_link_args=link,
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})

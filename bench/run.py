@@ -35,6 +35,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="SiT-XL size and one batch only")
     parser.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-ops.json)")
     args = parser.parse_args(argv)
+    benchmark.reexec_with_stable_allocator()
     ops = list(benchmark.OP_FAMILIES) if "all" in args.op else args.op
     benchmark.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device))
 

@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,35 +48,56 @@ class Case:
 
 # ------------------------------------------------------------------- timing
 
+# glibc returns large freed blocks to the OS, and the next allocation of the
+# same size page-faults them back in: on a VM that cost swamps a memory-bound
+# op and varies from call to call. These settings keep freed memory (up to 32
+# MiB a block) in the process, for every variant alike.
+_STABLE_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296"
+
+
+def reexec_with_stable_allocator() -> None:
+    """Restarts this process with _STABLE_MALLOC set (Linux with glibc only)."""
+    if (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+            and "GLIBC_TUNABLES" not in os.environ):
+        os.execve(sys.executable, list(sys.orig_argv), dict(os.environ, GLIBC_TUNABLES=_STABLE_MALLOC))
+
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_median(fn: Callable[[], object], device: torch.device, warmup: int = 3,
-                min_reps: int = 5, min_seconds: float = 0.3) -> float:
-    """Median seconds per call of fn, after `warmup` calls."""
-    for _ in range(warmup):
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_medians(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
+                 min_rounds: int = 7, min_seconds: float = 0.5) -> dict[str, float]:
+    """Median seconds per call of each fn, after `warmup` calls of each. The
+    variants take turns, round by round, so that a slow spell of a noisy
+    machine hits them all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    samples: list[float] = []
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
-    while len(samples) < min_reps or time.perf_counter() - start < min_seconds:
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        if len(samples) >= 1000:
-            break
-    return statistics.median(samples)
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < min_seconds and rounds < 500):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, device))
+        rounds += 1
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -83,7 +105,7 @@ def copy_bandwidth(device: torch.device) -> float:
     n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    seconds = time_median(lambda: dst.copy_(src), device)
+    seconds = time_medians({"copy": lambda: dst.copy_(src)}, device)["copy"]
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
@@ -220,10 +242,70 @@ def mse_cases(shape, dtype, device, size) -> list[Case]:
     ]
 
 
+def _adaln_inputs(shape, dtype, device, grad):
+    """x, h and the six modulation vectors as chunk(6) views of one [B, 6D]
+    tensor, as a SiT block makes them."""
+    b, _, d = shape
+    return dict(x=torch.randn(shape, dtype=dtype, device=device, requires_grad=grad),
+                h=torch.randn(shape, dtype=dtype, device=device, requires_grad=grad),
+                params=torch.randn(b, 6 * d, dtype=dtype, device=device, requires_grad=grad),
+                g=torch.randn(shape, dtype=dtype, device=device) if grad else None)
+
+
+def adaln_cases(shape, dtype, device, size) -> list[Case]:
+    """ln_modulate, gated_residual_ln_modulate and gated_residual, with the
+    modulation vectors as strided chunk(6) views; backward to x, h and the
+    [B, 6D] modulation tensor."""
+    n = math.prod(shape)
+    es = torch.tensor([], dtype=dtype).element_size()
+
+    def ln_fwd(impl, x, h, params, g):
+        shift, scale = params.chunk(6, dim=1)[:2]
+        return impl.ln_modulate(x, shift, scale)
+
+    def ln_bwd(impl, x, h, params, g):
+        return _grad(ln_fwd(impl, x, h, params, g), [x, params], [g])
+
+    def grlm_fwd(impl, x, h, params, g):
+        _, _, gate, shift, scale, _ = params.chunk(6, dim=1)
+        return impl.gated_residual_ln_modulate(x, h, gate, shift, scale)
+
+    def grlm_bwd(impl, x, h, params, g):
+        return _grad(grlm_fwd(impl, x, h, params, g), [x, h, params], [g, g])
+
+    def gr_fwd(impl, x, h, params, g):
+        return impl.gated_residual(x, h, params.chunk(6, dim=1)[5])
+
+    def gr_bwd(impl, x, h, params, g):
+        return _grad(gr_fwd(impl, x, h, params, g), [x, h, params], [g])
+
+    class Compiled:  # the references, each compiled on its own
+        ln_modulate = torch.compile(ref.ln_modulate, dynamic=False)
+        gated_residual_ln_modulate = torch.compile(ref.gated_residual_ln_modulate, dynamic=False)
+        gated_residual = torch.compile(ref.gated_residual, dynamic=False)
+
+    impls = {"fused": ops, "eager": ref, "compiled": Compiled}
+    cases = []
+    # (name, forward, backward, bytes forward, bytes forward + backward, footprint), in elements.
+    for name, fwd, bwd, nf, nb, foot in [
+        ("ln_modulate", ln_fwd, ln_bwd, 2, 5, 3),                # x -> y; dy, x -> dx
+        ("gated_residual_ln_modulate", grlm_fwd, grlm_bwd, 4, 10, 6),  # x, h -> x_out, y; 4 in, 2 out
+        ("gated_residual", gr_fwd, gr_bwd, 3, 6, 4),             # x, h -> out; g, h -> dh
+    ]:
+        cases.append(_case(name, "fwd", size, shape, dtype, device, nf * n * es,
+                           lambda: _adaln_inputs(shape, dtype, device, False), _variants(impls, fwd),
+                           foot * n * es))
+        cases.append(_case(name, "fwd+bwd", size, shape, dtype, device, nb * n * es,
+                           lambda: _adaln_inputs(shape, dtype, device, True), _variants(impls, bwd),
+                           foot * n * es))
+    return cases
+
+
 OP_FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "interpolant": interpolant_cases,
     "velocity_mse": velocity_mse_cases,
     "mse": mse_cases,
+    "adaln": adaln_cases,
 }
 
 
@@ -238,6 +320,7 @@ def default_batches(device: torch.device, quick: bool) -> list[int]:
 
 def machine_info(device: torch.device) -> dict:
     info = {
+        "malloc": os.environ.get("GLIBC_TUNABLES", "default"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -270,8 +353,7 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbs: float | None,
     for case in cases:
         row = {"op": case.op, "mode": case.mode, "size": case.size, "shape": list(case.shape),
                "dtype": str(case.dtype).removeprefix("torch."), "bytes": case.bytes}
-        for variant, fn in case.run.items():
-            seconds = time_median(fn, device)
+        for variant, seconds in time_medians(case.run, device).items():
             row[variant] = {"ms": seconds * 1e3, "gbs": case.bytes / seconds / 1e9}
         for other in ("eager", "compiled"):
             if other in row:

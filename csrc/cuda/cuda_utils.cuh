@@ -92,8 +92,19 @@ void with_vec(bool vectorize, const Launch& launch) {
   }
 }
 
-__device__ __forceinline__ int64_t clamp_end(int64_t n, int64_t end) { return end < n ? end : n; }
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Multiprocessors of a device (cached: the query is made once per device).
+inline int64_t sm_count(const at::Device& device) {
+  static int counts[64] = {};
+  const int index = device.index();
+  TORCH_CHECK(index >= 0 && index < 64, "sit_ext: unexpected CUDA device index ", index);
+  if (counts[index] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[index], cudaDevAttrMultiProcessorCount, index));
+  }
+  return counts[index];
+}
 
 }  // namespace sit_ext::cuda

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads)
                        int64_t chunks, TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
-  const int64_t o = row * n, end = clamp_end(n, begin + chunk_size<kVec>());
+  const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
     const auto xv = load_pack<kVec>(x + o + i), ev = load_pack<kVec>(e + o + i);
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) interpolant_backward_kernel(
     TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
-  const int64_t o = row * n, end = clamp_end(n, begin + chunk_size<kVec>());
+  const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   acc_t s[4] = {0, 0, 0, 0};
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
                         int64_t chunks, TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
-  const int64_t o = row * n, end = clamp_end(n, begin + chunk_size<kVec>());
+  const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   acc_t s = 0;
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) velocity_mse_backward_kernel(
     TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
-  const int64_t o = row * n, end = clamp_end(n, begin + chunk_size<kVec>());
+  const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   const acc_t k = acc_t(2) * g[row * g_stride] / acc_t(n);
   acc_t s[2] = {0, 0};
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
     mse_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ q,
                double* __restrict__ partial, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t begin = blockIdx.x * chunk_size<kVec>(), end = clamp_end(n, begin + chunk_size<kVec>());
+  const int64_t begin = blockIdx.x * chunk_size<kVec>(), end = min64(n, begin + chunk_size<kVec>());
   acc_t s = 0;
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
     const auto pv = load_pack<kVec>(p + i), qv = load_pack<kVec>(q + i);
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
                         const scalar_t* __restrict__ p, const scalar_t* __restrict__ q,
                         scalar_t* __restrict__ dp, scalar_t* __restrict__ dq, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t begin = blockIdx.x * chunk_size<kVec>(), end = clamp_end(n, begin + chunk_size<kVec>());
+  const int64_t begin = blockIdx.x * chunk_size<kVec>(), end = min64(n, begin + chunk_size<kVec>());
   const acc_t k = acc_t(2) * g[0] / acc_t(n);
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
     const auto pv = load_pack<kVec>(p + i), qv = load_pack<kVec>(q + i);

@@ -358,17 +358,19 @@ struct Tiling {
 template <typename scalar_t>
 Tiling tiling(const char* op, int64_t dim, bool aligned) {
   constexpr int kVec = kVecOf<scalar_t>;
-  const bool vec = !std::is_same_v<scalar_t, double> && aligned && dim % kVec == 0;
-  const int64_t packs = vec ? dim / kVec : dim;
-  const int64_t max_threads = kMaxThreads;
-  for (int per : vec ? std::initializer_list<int>{1, 4} : std::initializer_list<int>{2, 32}) {
-    if (packs <= per * max_threads) {
-      const int64_t threads = std::max<int64_t>(32, (ceil_div(packs, per) + 31) / 32 * 32);
-      return {vec, per, int(threads)};
+  auto threads_for = [](int64_t packs, int per) {
+    return int(std::max<int64_t>(32, (ceil_div(packs, per) + 31) / 32 * 32));
+  };
+  if (!std::is_same_v<scalar_t, double> && aligned && dim % kVec == 0) {
+    for (int per : {1, 4}) {
+      if (dim / kVec <= per * kMaxThreads) return {true, per, threads_for(dim / kVec, per)};
     }
   }
+  for (int per : {2, 32}) {
+    if (dim <= per * kMaxThreads) return {false, per, threads_for(dim, per)};
+  }
   TORCH_CHECK(false, "sit_ext.", op, ": D = ", dim, " is larger than the CUDA kernels support (",
-              vec ? 4 * max_threads * kVec : 32 * max_threads, ")");
+              32 * kMaxThreads, ")");
   return {};
 }
 

@@ -23,7 +23,15 @@ from .functional import (  # noqa: E402
     sample_interpolant_time,
     sit_loss,
 )
-from .ops import interpolant, mse, velocity_mse  # noqa: E402
+from .models import SiT, SiT_models, build, output_size  # noqa: E402
+from .ops import (  # noqa: E402
+    gated_residual,
+    gated_residual_ln_modulate,
+    interpolant,
+    ln_modulate,
+    mse,
+    velocity_mse,
+)
 
 
 def _check_cpu() -> None:
@@ -38,14 +46,21 @@ def _check_cpu() -> None:
 _check_cpu()
 
 __all__ = [
+    "SiT",
+    "SiT_models",
+    "build",
     "build_info",
     "cosine_interpolant",
     "cosine_velocity",
+    "gated_residual",
+    "gated_residual_ln_modulate",
     "interpolant",
     "linear_interpolant",
     "linear_velocity",
+    "ln_modulate",
     "mse",
     "ops",
+    "output_size",
     "reference",
     "sample_interpolant_time",
     "sit_loss",

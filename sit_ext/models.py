@@ -1,0 +1,468 @@
+"""SiT: one transformer backbone with two front doors, running through the
+fused AdaLN-Zero ops (``fused=False`` runs the same weights through plain
+PyTorch).
+
+- ``SiT(input_size=32, patch_size=2, in_channels=4, ...)`` is the official image
+  model: the same parameter names and shapes as the official SiT code, so its
+  checkpoints load with ``strict=True`` (see ``SiT.from_pretrained``).
+- ``SiT.build(input_dim, ...)`` is the seed's model for flat vectors ([B, D]) or
+  sequences of them ([B, L, D]).
+
+Time is embedded as given: the image model, like the official code, embeds t
+unscaled; the vector model embeds t * num_steps.
+
+Memory passes per block over [B, T, D] activations (each read or write of one
+such tensor counts once; attention and MLP internals excluded):
+
+- unfused (the official code): forward 22 (per sub-block: LayerNorm 2, the
+  modulate multiply and add 4, the gate multiply and residual add 5); backward
+  about 38.
+- fused: forward 8 (per sub-block, one ``gated_residual_ln_modulate``: read x
+  and h, write x_out and y); backward 12 (read dy, d x_out, x_out and h; write
+  dx and dh). Each block's MLP residual is fused with the next block's
+  attention modulation, and the last one with the final layer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from . import reference as ref
+
+# ------------------------------------------------------------ embeddings
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of t [B]: cos half first, then sin (as DiT/SiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """sinusoidal(256) -> Linear(256, D) -> SiLU -> Linear(D, D)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels to vectors, with label dropout for classifier-free guidance:
+    the extra row num_classes is the null class."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """[N, C, H, W] -> [N, (H/p)(W/p), D] with a strided convolution (timm's
+    PatchEmbed, whose parameter names the official checkpoints use)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, (patch_size, patch_size)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VectorEmbed(nn.Module):
+    """[B, L, input_dim] -> [B, L, D]: one Linear per token."""
+
+    def __init__(self, input_dim: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(input_dim, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
+    """The official fixed 2-D sin-cos positional embedding, [grid_size^2, D]
+    (computed in float64 as the official numpy code does)."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="xy")  # as np.meshgrid(w, h)
+
+    def one_d(dim: int, pos: Tensor) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([one_d(embed_dim // 2, grid_w), one_d(embed_dim // 2, grid_h)], dim=1)
+
+
+# ------------------------------------------------------------------ blocks
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's names)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _like(v: Tensor, x: Tensor) -> Tensor:
+    """v in x's dtype. Under autocast the residual stream stays float32 while
+    Linear outputs are bfloat16; the fused ops take one dtype."""
+    return v if v.dtype == x.dtype else v.to(x.dtype)
+
+
+class SiTBlock(nn.Module):
+    """x += gate_msa attn(modulate(LN(x))); x += gate_mlp mlp(modulate(LN(x)))."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def modulation(self, c: Tensor) -> tuple[Tensor, ...]:
+        """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp):
+        strided [B, D] views of one [B, 6D] tensor."""
+        return self.adaLN_modulation(c).chunk(6, dim=1)
+
+    def forward(self, x: Tensor, c: Tensor, fused: bool = True) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        if not fused:
+            x = ref.gated_residual(x, self.attn(ref.ln_modulate(x, shift_msa, scale_msa)), gate_msa)
+            return ref.gated_residual(x, self.mlp(ref.ln_modulate(x, shift_mlp, scale_mlp)), gate_mlp)
+        y = ops.ln_modulate(x, _like(shift_msa, x), _like(scale_msa, x))
+        x, y = ops.gated_residual_ln_modulate(x, _like(self.attn(y), x), _like(gate_msa, x),
+                                              _like(shift_mlp, x), _like(scale_mlp, x))
+        return ops.gated_residual(x, _like(self.mlp(y), x), _like(gate_mlp, x))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def modulation(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        return self.adaLN_modulation(c).chunk(2, dim=1)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(c)
+        return self.linear(ref.ln_modulate(x, shift, scale))
+
+
+# -------------------------------------------------------------------- SiT
+
+
+class SiT(nn.Module):
+    """Scalable Interpolant Transformer.
+
+    ``SiT(...)`` builds the official image model (see the module docstring);
+    ``SiT.build(input_dim, ...)`` builds the vector model. ``fused`` picks the
+    fused kernels (default) or plain PyTorch, with the same weights; it can be
+    switched at any time.
+    """
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 class_dropout_prob: float = 0.1, num_classes: int | None = 1000, learn_sigma: bool = True,
+                 *, fused: bool = True):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")
+        self.kind = "image"
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.time_scale = 1.0
+        self._build_backbone(hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob,
+                             patch_size * patch_size * self.out_channels, fused)
+        self.initialize_weights()
+
+    @classmethod
+    def build(cls, input_dim: int, hidden_size: int = 256, num_layers: int = 6, num_heads: int = 4,
+              mlp_ratio: float = 4.0, num_classes: int | None = None, num_steps: int = 1000, *,
+              class_dropout_prob: float = 0.1, max_seq_len: int = 256, fused: bool = True) -> SiT:
+        """The seed's vector model: x [B, input_dim] or [B, L, input_dim] (L <=
+        max_seq_len), t [B] in [0, 1] (scaled by num_steps before embedding),
+        optional labels y [B]. Returns the velocity in x's shape."""
+        if input_dim < 1 or max_seq_len < 1:
+            raise ValueError(f"input_dim and max_seq_len must be >= 1, got {input_dim}, {max_seq_len}")
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.kind = "vector"
+        model.input_dim, model.learn_sigma = input_dim, False
+        model.x_embedder = VectorEmbed(input_dim, hidden_size)
+        model.pos_embed = nn.Parameter(torch.zeros(1, max_seq_len, hidden_size))
+        model.time_scale = float(num_steps)
+        model._build_backbone(hidden_size, num_layers, num_heads, mlp_ratio, num_classes, class_dropout_prob,
+                              input_dim, fused)
+        model.initialize_weights()
+        return model
+
+    def _build_backbone(self, hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob,
+                        out_features, fused):
+        self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self.num_classes = num_classes
+        self.fused = fused
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+                           if num_classes else None)
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, out_features)
+
+    def initialize_weights(self) -> None:
+        """As the paper: xavier-uniform Linears with zero bias, the patch
+        embedding like a Linear, N(0, 0.02) for the label table and the time MLP,
+        and zero adaLN and final layers (so every block starts as the identity)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.kind == "image":
+            grid = int(self.x_embedder.num_patches ** 0.5)
+            pos = get_2d_sincos_pos_embed(self.hidden_size, grid)
+            self.pos_embed.data.copy_(pos.float().unsqueeze(0).to(self.pos_embed.device))
+            w = self.x_embedder.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.x_embedder.proj.bias)
+        else:
+            nn.init.normal_(self.pos_embed, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # --------------------------------------------------------------- forward
+
+    def _embed(self, x: Tensor) -> Tensor:
+        if self.kind == "image":
+            c, s = self.in_channels, self.input_size
+            if x.dim() != 4 or x.shape[1] != c or x.shape[2] != s or x.shape[3] != s:
+                raise ValueError(f"SiT: expected x of shape [N, {c}, {s}, {s}], got {tuple(x.shape)}")
+            return self.x_embedder(x) + self.pos_embed
+        if x.dim() not in (2, 3) or x.shape[-1] != self.input_dim:
+            raise ValueError(f"SiT: expected x of shape [B, {self.input_dim}] or [B, L, {self.input_dim}], "
+                             f"got {tuple(x.shape)}")
+        tokens = x if x.dim() == 3 else x[:, None]
+        if tokens.shape[1] > self.pos_embed.shape[1]:
+            raise ValueError(f"SiT: sequence length {tokens.shape[1]} exceeds max_seq_len {self.pos_embed.shape[1]}")
+        return self.x_embedder(tokens) + self.pos_embed[:, : tokens.shape[1]]
+
+    def _condition(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"SiT: expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
+        c = self.t_embedder(t * self.time_scale if self.time_scale != 1.0 else t)
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("SiT: this model has no classes (num_classes=None); pass y=None")
+            return c
+        if y is None:
+            raise ValueError(f"SiT: this model is class-conditional (num_classes={self.num_classes}); pass y")
+        if y.shape != (x.shape[0],) or y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"SiT: expected integer labels y of shape [{x.shape[0]}], got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        top = self.y_embedder.embedding_table.num_embeddings - 1
+        # No host sync: raises at once on the CPU, as a device-side assert on CUDA.
+        torch._assert_async(((y >= 0) & (y <= top)).all(),
+                            f"SiT: labels must be in [0, {top}] ({self.num_classes} classes"
+                            + (", plus the null class)" if top == self.num_classes else ")"))
+        return c + self.y_embedder(y.long(), self.training)
+
+    def _unembed(self, out: Tensor, x: Tensor) -> Tensor:
+        if self.kind == "vector":
+            return out if x.dim() == 3 else out[:, 0]
+        imgs = self.unpatchify(out)
+        return imgs.chunk(2, dim=1)[0] if self.learn_sigma else imgs
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """[N, T, p*p*C] -> [N, C, H, W]."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def backbone(self, x: Tensor, c: Tensor) -> Tensor:
+        """Blocks and final layer: tokens [B, T, D] -> [B, T, out_features]."""
+        if not self.fused:
+            for block in self.blocks:
+                x = block(x, c, fused=False)
+            return self.final_layer(x, c)
+        mods = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
+        y = ops.ln_modulate(x, _like(mods[0][0], x), _like(mods[0][1], x))
+        for i, block in enumerate(self.blocks):
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
+            next_shift, next_scale = mods[i + 1][:2]
+            x, y = ops.gated_residual_ln_modulate(x, _like(block.attn(y), x), _like(gate_msa, x),
+                                                  _like(shift_mlp, x), _like(scale_mlp, x))
+            x, y = ops.gated_residual_ln_modulate(x, _like(block.mlp(y), x), _like(gate_mlp, x),
+                                                  _like(next_shift, x), _like(next_scale, x))
+        return self.final_layer.linear(y)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The predicted velocity: [N, C, H, W] for the image model (the first C
+        of 2C channels with learn_sigma), x's shape for the vector model."""
+        c = self._condition(x, t, y)
+        return self._unembed(self.backbone(self._embed(x), c), x)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float,
+                         cfg_channels: int | None = None) -> Tensor:
+        """Classifier-free guidance in one batch, as the official code: the
+        first half of x (repeated) runs with labels y, whose second half should
+        be the null class; the output is uncond + cfg_scale (cond - uncond) in
+        both halves. Guidance covers all channels, or only the first
+        cfg_channels (cfg_channels=3 reproduces the official sampler)."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        k = out.shape[1] if cfg_channels is None else cfg_channels
+        guided, rest = out[:, :k], out[:, k:]
+        cond, uncond = guided.split(len(guided) // 2, dim=0)
+        mixed = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([mixed, mixed], dim=0), rest], dim=1)
+
+    # ------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
+                        model: str = "SiT-XL/2", map_location: str | torch.device = "cpu",
+                        **overrides) -> SiT:
+        """An official (or sit_ext) SiT checkpoint, from a local file or a state
+        dict: a plain state dict, or a dict with "ema" (preferred) or "model".
+        Never downloads. Files load with weights_only=True: a file that needs
+        arbitrary unpickling is refused. `overrides` change the preset's
+        constructor arguments (e.g. input_size=64, num_classes=10)."""
+        if model not in SiT_models:
+            raise ValueError(f"unknown model {model!r}: choose from {sorted(SiT_models)}")
+        state = load_state_dict(path_or_state_dict, map_location)
+        net = SiT_models[model](**overrides)
+        check_state_dict(net, state, model)
+        net.load_state_dict(state, strict=True)
+        return net
+
+
+def load_state_dict(path_or_state_dict, map_location="cpu") -> dict[str, Tensor]:
+    """The model weights in a checkpoint: its "ema" entry, else its "model"
+    entry, else the whole dict."""
+    if isinstance(path_or_state_dict, Mapping):
+        ckpt = path_or_state_dict
+    else:
+        try:
+            # argparse.Namespace: the official training checkpoints store their args in one.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path_or_state_dict, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"refusing to load {path_or_state_dict}: it holds more than tensors and plain "
+                             f"values, and loading it would run code from the file ({e})") from None
+    for key in ("ema", "model"):
+        if isinstance(ckpt.get(key), Mapping):
+            ckpt = ckpt[key]
+            break
+    if not all(isinstance(v, Tensor) for v in ckpt.values()):
+        raise ValueError("checkpoint is not a state dict: expected a mapping of names to tensors")
+    return dict(ckpt)
+
+
+def check_state_dict(net: nn.Module, state: Mapping[str, Tensor], name: str) -> None:
+    """Raises a ValueError listing missing and unexpected keys and shape
+    conflicts between `state` and `net`."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    conflicts = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or conflicts:
+        lines = [f"checkpoint does not match {name}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape conflicts", conflicts)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
+                             + (" ..." if len(items) > 20 else ""))
+        raise ValueError("\n".join(lines))
+
+
+def output_size(input_dim: int, learn_sigma: bool = False) -> int:
+    """Size of the vector model's output per token: input_dim (twice that with
+    learn_sigma, for the image model's variance channels)."""
+    return input_dim * (2 if learn_sigma else 1)
+
+
+def build(input_dim: int, **kwargs) -> SiT:
+    """The seed's vector model; see SiT.build."""
+    return SiT.build(input_dim, **kwargs)
+
+
+# ---------------------------------------------------------------- presets
+
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def _preset(depth: int, hidden: int, heads: int, patch: int):
+    def make(**kwargs) -> SiT:
+        return SiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
+
+    return make
+
+
+SiT_models = {f"SiT-{size}/{patch}": _preset(*_SIZES[size], patch)
+              for size in ("XL", "L", "B", "S") for patch in (2, 4, 8)}

@@ -1,0 +1,305 @@
+"""sit_ext.SiT: both front doors, fused against unfused, official names and
+shapes, presets, loading, CFG, compile and bad input."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import sit_ext
+from sit_ext.models import SiT, SiT_models, get_2d_sincos_pos_embed
+
+
+def randomize_zero_init(model):
+    """adaLN-Zero starts every block as the identity; give the zeroed layers
+    weights so that fused and unfused paths are compared on real work."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def image_model(**kw):
+    kw = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
+              num_classes=10) | kw
+    return randomize_zero_init(SiT(**kw)).eval()
+
+
+def vector_model(**kw):
+    return randomize_zero_init(sit_ext.build(6, hidden_size=32, num_layers=2, num_heads=4, **kw)).eval()
+
+
+def both_paths(model, *args, **kwargs):
+    model.fused = True
+    fused = model(*args, **kwargs)
+    model.fused = False
+    unfused = model(*args, **kwargs)
+    model.fused = True
+    return fused, unfused
+
+
+@pytest.mark.parametrize("classes", [10, None], ids=["classes", "no-classes"])
+def test_image_fused_matches_unfused(device, classes):
+    model = image_model(num_classes=classes).to(device)
+    x, t = torch.randn(3, 4, 8, 8, device=device), torch.rand(3, device=device)
+    y = torch.tensor([1, 5, 9], device=device) if classes else None
+    fused, unfused = both_paths(model, x, t, y)
+    assert fused.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [7, None], ids=["classes", "no-classes"])
+@pytest.mark.parametrize("shape", [(5, 6), (5, 3, 6)], ids=["[B,D]", "[B,L,D]"])
+def test_vector_fused_matches_unfused(device, classes, shape):
+    model = vector_model(num_classes=classes).to(device)
+    x, t = torch.randn(shape, device=device), torch.rand(5, device=device)
+    y = torch.randint(0, 7, (5,), device=device) if classes else None
+    fused, unfused = both_paths(model, x, t, y)
+    assert fused.shape == shape == unfused.shape
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    assert sit_ext.output_size(6) == fused.shape[-1]
+
+
+def test_gradients_match(device):
+    model = image_model().to(device).train()
+    x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.rand(2, device=device), torch.tensor([3, 4],
+                                                                                                  device=device)
+    grads = []
+    for fused in (True, False):
+        model.fused = fused
+        model.zero_grad()
+        torch.manual_seed(0)  # the same label dropout in both passes
+        model(x, t, y).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_within_eager_bound(device, dtype):
+    """In low precision, fused is no further from float64 than twice what the
+    unfused eager path achieves."""
+    model = image_model().to(device)
+    x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.rand(2, device=device), torch.tensor([1, 2],
+                                                                                                  device=device)
+    exact = model.double()(x.double(), t.double(), y)
+    model.to(dtype)
+    fused, unfused = both_paths(model, x.to(dtype), t, y)
+    err = (fused.double() - exact).abs().max().item()
+    eager_err = (unfused.double() - exact).abs().max().item()
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
+
+
+def test_block_alone_matches_unfused(device):
+    """A block called on its own (ln_modulate, gated_residual_ln_modulate, gated_residual)."""
+    model = image_model().to(device)
+    x, c = torch.randn(2, 16, 64, device=device), torch.randn(2, 64, device=device)
+    torch.testing.assert_close(model.blocks[1](x, c), model.blocks[1](x, c, fused=False), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_names_and_shapes():
+    sd = SiT_models["SiT-S/2"]().state_dict()
+    assert len(sd) == 132
+    expected = {
+        "pos_embed": (1, 256, 384), "x_embedder.proj.weight": (384, 4, 2, 2), "x_embedder.proj.bias": (384,),
+        "t_embedder.mlp.0.weight": (384, 256), "t_embedder.mlp.0.bias": (384,),
+        "t_embedder.mlp.2.weight": (384, 384), "t_embedder.mlp.2.bias": (384,),
+        "y_embedder.embedding_table.weight": (1001, 384),
+        "final_layer.linear.weight": (32, 384), "final_layer.linear.bias": (32,),
+        "final_layer.adaLN_modulation.1.weight": (768, 384), "final_layer.adaLN_modulation.1.bias": (768,),
+    }
+    for i in range(12):
+        expected |= {
+            f"blocks.{i}.attn.qkv.weight": (1152, 384), f"blocks.{i}.attn.qkv.bias": (1152,),
+            f"blocks.{i}.attn.proj.weight": (384, 384), f"blocks.{i}.attn.proj.bias": (384,),
+            f"blocks.{i}.mlp.fc1.weight": (1536, 384), f"blocks.{i}.mlp.fc1.bias": (1536,),
+            f"blocks.{i}.mlp.fc2.weight": (384, 1536), f"blocks.{i}.mlp.fc2.bias": (384,),
+            f"blocks.{i}.adaLN_modulation.1.weight": (2304, 384), f"blocks.{i}.adaLN_modulation.1.bias": (2304,),
+        }
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert not sd["pos_embed"].requires_grad
+
+
+def test_presets_on_meta_device():
+    counts = {"S": 33e6, "B": 130e6, "L": 458e6, "XL": 675e6}
+    assert len(SiT_models) == 12
+    with torch.device("meta"):
+        for name, make in SiT_models.items():
+            model = make()
+            size, patch = name.removeprefix("SiT-").split("/")
+            n = sum(p.numel() for p in model.parameters())
+            if patch == "2":
+                assert abs(n - counts[size]) / counts[size] < 0.01, (name, n)
+            assert model.patch_size == int(patch) and model.depth == {"S": 12, "B": 12, "L": 24, "XL": 28}[size]
+
+
+def official_pos_embed(embed_dim, grid_size):
+    """The official numpy implementation (DiT/SiT models.py), for comparison."""
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float64)
+        omega /= dim / 2.0
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+def test_pos_embed_matches_official():
+    np.testing.assert_allclose(get_2d_sincos_pos_embed(384, 16).numpy(), official_pos_embed(384, 16), atol=1e-12)
+
+
+def test_initialisation():
+    model = SiT(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    for block in model.blocks:
+        assert block.adaLN_modulation[1].weight.abs().sum() == 0
+    assert model.final_layer.linear.weight.abs().sum() == 0
+    assert abs(model.y_embedder.embedding_table.weight.std().item() - 0.02) < 0.005
+    assert model.blocks[0].attn.qkv.bias.abs().sum() == 0
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    assert model(x, t, torch.tensor([0, 1])).abs().sum() == 0  # zero final layer
+
+
+def test_save_reload_and_mismatch(tmp_path):
+    model = image_model(input_size=32, hidden_size=384, depth=12, num_heads=6, num_classes=1000)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "steps": 5}, path)
+    loaded = SiT.from_pretrained(path, model="SiT-S/2").eval()
+    x, t, y = torch.randn(2, 4, 32, 32), torch.rand(2), torch.tensor([3, 999])
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y))
+    from_dict = SiT.from_pretrained(model.state_dict(), model="SiT-S/2")
+    torch.testing.assert_close(from_dict.pos_embed, model.pos_embed)
+    with pytest.raises(ValueError, match="shape conflicts") as info:
+        SiT.from_pretrained(path, model="SiT-S/2", num_classes=10)
+    assert "y_embedder.embedding_table.weight" in str(info.value)
+    with pytest.raises(ValueError, match="missing keys"):
+        SiT.from_pretrained(path, model="SiT-S/2", depth=13)  # a block more than the file has
+    with pytest.raises(ValueError, match="unknown model"):
+        SiT.from_pretrained(path, model="SiT-M/2")
+
+
+class _Exploit:
+    """Unpickling this would create a file: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Exploit(str(marker))}, f)
+    with pytest.raises(ValueError, match="refusing to load"):
+        SiT.from_pretrained(path, model="SiT-S/2")
+    assert not marker.exists()
+    bad = tmp_path / "evil2.pt"
+    torch.save({"ema": {"w": torch.zeros(1)}, "obj": _Exploit(str(marker))}, bad)
+    with pytest.raises(ValueError, match="refusing to load"):
+        SiT.from_pretrained(bad, model="SiT-S/2")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("channels", [None, 3], ids=["all-channels", "official-3"])
+def test_forward_with_cfg(device, channels):
+    model = image_model().to(device)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    x = torch.cat([x, x])
+    t = torch.rand(1, device=device).repeat(4)
+    y = torch.tensor([1, 2, 10, 10], device=device)  # 10 = the null class
+    out = model.forward_with_cfg(x, t, y, cfg_scale=4.0, cfg_channels=channels)
+    cond, uncond = model(x, t, y).chunk(2)
+    k = 4 if channels is None else channels
+    want = uncond[:, :k] + 4.0 * (cond[:, :k] - uncond[:, :k])
+    torch.testing.assert_close(out[:2, :k], want)
+    torch.testing.assert_close(out[2:, :k], want)
+    torch.testing.assert_close(out[:, k:], model(x, t, y)[:, k:])
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    model = image_model().to(device).train()
+    model.y_embedder.dropout_prob = 0.0  # compiled code draws other random numbers than eager
+    x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.rand(2, device=device), torch.tensor([3, 4],
+                                                                                                  device=device)
+    compiled = torch.compile(model, fullgraph=True)
+    got = compiled(x, t, y)
+    got.square().mean().backward()
+    want = model(x, t, y)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    model.eval()
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x, t, y), model(x, t, y), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_bad_input():
+    model = image_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"\[N, 4, 8, 8\]"):
+        model(torch.randn(2, 3, 8, 8), t, y)
+    with pytest.raises(ValueError, match=r"\[N, 4, 8, 8\]"):
+        model(torch.randn(2, 4, 16, 16), t, y)
+    with pytest.raises(ValueError, match="pass y"):
+        model(x, t)
+    with pytest.raises(RuntimeError, match="labels must be in"):
+        model(x, t, torch.tensor([1, 11]))
+    with pytest.raises(RuntimeError, match="labels must be in"):
+        model(x, t, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="t of shape"):
+        model(x, torch.rand(3), y)
+    vec = vector_model()
+    with pytest.raises(ValueError, match=r"\[B, 6\]"):
+        vec(torch.randn(2, 5), t)
+    with pytest.raises(ValueError, match="no classes"):
+        vec(torch.randn(2, 6), t, y)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        sit_ext.build(6, max_seq_len=4)(torch.randn(2, 5, 6), t)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graph_and_autocast():
+    model = image_model().cuda()
+    x, t, y = torch.randn(2, 4, 8, 8, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([3, 4],
+                                                                                                  device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused, unfused = both_paths(model, x, t, y)
+    assert (fused.float() - unfused.float()).abs().max() < 5e-2
+    static = [x.clone(), t.clone(), y.clone()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        model(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = model(*static)
+    static[0].copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, model(*static))
+
+
+def test_autocast_cpu_bf16():
+    model = image_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([3, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, unfused = both_paths(model, x, t, y)
+    assert fused.dtype == unfused.dtype
+    assert (fused.float() - unfused.float()).abs().max() < 5e-2
+
+
+def test_env_does_not_download():
+    # from_pretrained takes local files only; a URL-like string is just a missing file.
+    with pytest.raises((FileNotFoundError, OSError)):
+        SiT.from_pretrained(os.path.join("https://example.com", "SiT-XL-2-256x256.pt"))

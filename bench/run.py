@@ -1,8 +1,9 @@
-"""Kernel benchmarks: fused vs eager vs torch.compile, on CPU and CUDA.
+"""Benchmarks: fused vs eager vs torch.compile, on CPU and CUDA.
 
     python bench/run.py                      # every op, on CUDA if present, else CPU
     python bench/run.py --op velocity_mse --device cpu --batch 16
     python bench/run.py --quick              # one size, one batch
+    python bench/run.py --models             # SiT train step and sampling forward
 
 Prints a table of medians, ratios and GB/s, and writes JSON under bench/results/.
 """
@@ -33,9 +34,18 @@ def main(argv=None):
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", nargs="+", type=int)
     parser.add_argument("--quick", action="store_true", help="SiT-XL size and one batch only")
-    parser.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-ops.json)")
+    parser.add_argument("--models", action="store_true",
+                        help="benchmark SiT models (train step, sampling forward) instead of ops")
+    parser.add_argument("--model", nargs="+", help="presets for --models (default SiT-XL/2 on CUDA, SiT-S/2 on CPU)")
+    parser.add_argument("--no-compile", action="store_true", help="--models without the torch.compile variants")
+    parser.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-ops.json or -models.json)")
     args = parser.parse_args(argv)
     benchmark.reexec_with_stable_allocator()
+    if args.models:
+        out = args.out or default_out(args.device).replace("-ops.json", "-models.json")
+        benchmark.run_models(args.device, args.model, args.batch[0] if args.batch else None,
+                             args.dtype[0] if args.dtype else None, not args.no_compile, out)
+        return
     ops = list(benchmark.OP_FAMILIES) if "all" in args.op else args.op
     benchmark.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device))
 

@@ -13,7 +13,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
         f"{e}. Install with `pip install --no-build-isolation .` against the torch you run."
     ) from e
 
-from . import ops, reference  # noqa: E402
+from . import ops, reference, schedules  # noqa: E402
 from ._build import build_info  # noqa: E402
 from .functional import (  # noqa: E402
     cosine_interpolant,
@@ -32,6 +32,7 @@ from .ops import (  # noqa: E402
     mse,
     velocity_mse,
 )
+from .transport import Transport, create_transport  # noqa: E402
 
 
 def _check_cpu() -> None:
@@ -48,6 +49,9 @@ _check_cpu()
 __all__ = [
     "SiT",
     "SiT_models",
+    "Transport",
+    "create_transport",
+    "schedules",
     "build",
     "build_info",
     "cosine_interpolant",

@@ -416,3 +416,100 @@ def run(ops_: list[str], device: str = "cpu", dtypes: list[str] | None = None,
             json.dump(result, f, indent=1)
         log(f"# wrote {out}")
     return result
+
+
+# ------------------------------------------------------------------ models
+
+MODEL_VARIANTS = ("fused", "unfused", "fused+compile", "unfused+compile")
+
+
+def model_cases(name: str, batch: int, device: torch.device, dtype: torch.dtype,
+                compile_: bool = True) -> list[tuple[str, dict[str, Callable[[], object]]]]:
+    """A training step (forward, backward, AdamW) and a sampling forward of a
+    SiT preset on 32x32x4 latents, fused and unfused, eager and compiled.
+    bfloat16 on CUDA runs under autocast with float32 weights."""
+    import copy
+
+    from .models import SiT_models
+
+    torch.manual_seed(0)
+    base = SiT_models[name]().to(device)
+    x = torch.randn(batch, 4, 32, 32, device=device)
+    t = torch.rand(batch, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    target = torch.randn_like(x)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if dtype != torch.float32 and device.type == "cpu":
+        base = base.to(dtype)  # CPU: plain low-precision weights
+        x, target = x.to(dtype), target.to(dtype)
+        autocast = torch.autocast("cpu", enabled=False)
+
+    train, sample = {}, {}
+    for variant in MODEL_VARIANTS:
+        if "compile" in variant and not compile_:
+            continue
+        model = copy.deepcopy(base)
+        model.fused = variant.startswith("fused")
+        runner = torch.compile(model, dynamic=False) if "compile" in variant else model
+        # fused AdamW (one kernel per step) where torch has it, for every variant alike
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
+
+        def step(runner=runner, model=model, optimizer=optimizer):
+            model.train()
+            with autocast:
+                loss = (runner(x, t, y).float() - target.float()).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def forward(runner=runner, model=model):
+            model.eval()
+            with torch.no_grad(), autocast:
+                return runner(x, t, y)
+
+        train[variant], sample[variant] = step, forward
+    return [("train step", train), ("sample forward", sample)]
+
+
+def format_model_header() -> str:
+    return (f"{'model':<10}{'mode':<16}{'batch':>6}{'dtype':>10}"
+            + "".join(f"{v:>17}" for v in MODEL_VARIANTS) + f"{'x eager':>9}{'x compiled':>11}")
+
+
+def format_model_row(row: dict) -> str:
+    ms = "".join(f"{row[v]['ms']:>14.1f} ms" if v in row else f"{'-':>17}" for v in MODEL_VARIANTS)
+    return (f"{row['model']:<10}{row['mode']:<16}{row['batch']:>6}{row['dtype']:>10}{ms}"
+            f"{row.get('x_eager', float('nan')):>9.2f}{row.get('x_compiled', float('nan')):>11.2f}")
+
+
+def run_models(device: str = "cpu", models: list[str] | None = None, batch: int | None = None,
+               dtype: str | None = None, compile_: bool = True, out: str | None = None,
+               log: Callable[[str], None] = print) -> dict:
+    """Model benchmarks (see model_cases); x eager = unfused / fused, x
+    compiled = unfused+compile / fused+compile."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA requested but no CUDA device is available")
+    _allow_recompiles()
+    models = models or (["SiT-XL/2"] if dev.type == "cuda" else ["SiT-S/2"])
+    batch = batch or (32 if dev.type == "cuda" else 2)
+    dtype_ = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    result = {"meta": machine_info(dev), "results": []}
+    log(f"# {result['meta'].get('device_name', result['meta']['cpu'])}, torch {torch.__version__}")
+    log(format_model_header())
+    for name in models:
+        for mode, fns in model_cases(name, batch, dev, dtype_, compile_):
+            row = {"model": name, "mode": mode, "batch": batch, "dtype": str(dtype_).removeprefix("torch.")}
+            for variant, seconds in time_medians(fns, dev, warmup=3, min_rounds=5, min_seconds=1.0).items():
+                row[variant] = {"ms": seconds * 1e3}
+            row["x_eager"] = row["unfused"]["ms"] / row["fused"]["ms"]
+            if "fused+compile" in row:
+                row["x_compiled"] = row["unfused+compile"]["ms"] / row["fused+compile"]["ms"]
+            result["results"].append(row)
+            log(format_model_row(row))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"# wrote {out}")
+    return result

@@ -9,27 +9,30 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .schedules import Cosine, Linear
+
+_LINEAR, _COSINE = Linear(), Cosine()
 
 
 def linear_interpolant(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """x_t = (1 - t) x + t noise."""
-    return ops.interpolant(x, noise, t, "linear", outputs=(True, False))[0]
+    return _LINEAR.interpolant(x, noise, t, outputs=(True, False))[0]
 
 
 def linear_velocity(x: Tensor, noise: Tensor) -> Tensor:
     """d x_t / dt of the linear path: noise - x (independent of t)."""
     t = x.new_zeros(x.shape[:1], dtype=torch.float32)
-    return ops.interpolant(x, noise, t, "linear", outputs=(False, True))[1]
+    return _LINEAR.interpolant(x, noise, t, outputs=(False, True))[1]
 
 
 def cosine_interpolant(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """x_t = cos(pi t / 2) x + sin(pi t / 2) noise."""
-    return ops.interpolant(x, noise, t, "cosine", outputs=(True, False))[0]
+    return _COSINE.interpolant(x, noise, t, outputs=(True, False))[0]
 
 
 def cosine_velocity(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """d x_t / dt of the cosine path: (pi / 2) (cos(pi t / 2) noise - sin(pi t / 2) x)."""
-    return ops.interpolant(x, noise, t, "cosine", outputs=(False, True))[1]
+    return _COSINE.interpolant(x, noise, t, outputs=(False, True))[1]
 
 
 def sample_interpolant_time(batch_size: int, *, generator: torch.Generator | None = None,

@@ -1,0 +1,291 @@
+"""sit_ext.transport checked against exact answers: for Gaussian data
+x ~ N(mu, diag sigma^2) the velocity, score and noise fields of every path are
+known in closed form, so samplers and likelihoods can be checked with no
+trained network."""
+
+import math
+
+import pytest
+import torch
+
+from sit_ext import schedules
+from sit_ext.transport import Transport, create_transport
+
+MU = torch.tensor([1.5, -0.5, 0.25])
+SIGMA = torch.tensor([0.5, 1.2, 0.8])
+PATHS = ["linear", "cosine", "vp"]
+PREDICTIONS = ["velocity", "noise", "score"]
+
+
+class GaussianField(torch.nn.Module):
+    """The exact model output for data N(mu, diag sigma^2) under a schedule:
+    E[u_t | x_t], E[eps | x_t] or the score, in sit_ext time or the official's."""
+
+    def __init__(self, schedule, prediction, official=False):
+        super().__init__()
+        self.schedule, self.prediction, self.official = schedule, prediction, official
+
+    def forward(self, x_t, t, y=None):
+        if self.official:
+            t = 1 - t
+        a, b, da, db = (schedules.per_sample(c, x_t) for c in self.schedule.coefficients(t))
+        mu, sigma = MU.to(x_t), SIGMA.to(x_t)
+        var = a * a * sigma**2 + b * b
+        r = x_t - a * mu
+        e_eps = b * r / var
+        e_x = mu + a * sigma**2 * r / var
+        out = {"velocity": da * e_x + db * e_eps, "noise": e_eps, "score": -r / var}[self.prediction]
+        return -out if self.official and self.prediction == "velocity" else out
+
+
+def check_gaussian(samples, mean_tol=0.05, var_rel_tol=0.08):
+    mean, var = samples.mean(0), samples.var(0)
+    assert torch.all((mean - MU).abs() < mean_tol), (mean, MU)
+    assert torch.all((var / SIGMA**2 - 1).abs() < var_rel_tol), (var, SIGMA**2)
+
+
+def noise(n=20000, seed=0):
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("path", PATHS + ["custom"])
+def test_conversions_are_exact(path):
+    schedule = (schedules.Custom(lambda t: 1 - t**2, lambda t: t) if path == "custom"
+                else schedules.get_schedule(path))
+    x_t, t = torch.randn(64, 3, dtype=torch.float64), 0.05 + 0.9 * torch.rand(64, dtype=torch.float64)
+    fields = {p: GaussianField(schedule, p)(x_t, t) for p in PREDICTIONS}
+    v, eps, s = fields["velocity"], fields["noise"], fields["score"]
+    for got, want in [(schedule.velocity_from_score(s, x_t, t), v), (schedule.velocity_from_noise(eps, x_t, t), v),
+                      (schedule.score_from_velocity(v, x_t, t), s), (schedule.noise_from_velocity(v, x_t, t), eps),
+                      (schedule.score_from_noise(eps, x_t, t), s), (schedule.noise_from_score(s, x_t, t), eps)]:
+        torch.testing.assert_close(got, want)
+
+
+def test_custom_schedule_derivatives_by_autograd():
+    custom = schedules.Custom(lambda t: torch.cos(math.pi / 2 * t), lambda t: torch.sin(math.pi / 2 * t))
+    t = torch.rand(16, dtype=torch.float64)
+    for got, want in zip(custom.coefficients(t), schedules.Cosine().coefficients(t)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("method,steps", [("euler", 200), ("heun", 50)])
+def test_ode_maps_noise_to_data(path, prediction, method, steps):
+    transport = Transport(path, prediction)
+    model = GaussianField(transport.schedule, prediction)
+    check_gaussian(transport.sample_ode(model, noise(), method=method, num_steps=steps))
+
+
+def test_ode_dopri5():
+    pytest.importorskip("torchdiffeq")
+    transport = Transport("linear")
+    model = GaussianField(transport.schedule, "velocity")
+    check_gaussian(transport.sample_ode(model, noise(), method="dopri5", atol=1e-6, rtol=1e-5))
+
+
+def test_adaptive_solver_needs_torchdiffeq(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchdiffeq(name, *args, **kwargs):
+        if name == "torchdiffeq":
+            raise ImportError("No module named 'torchdiffeq'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchdiffeq)
+    transport = Transport()
+    with pytest.raises(ImportError, match="pip install torchdiffeq"):
+        transport.sample_ode(GaussianField(transport.schedule, "velocity"), noise(10), method="dopri5")
+
+
+@pytest.mark.parametrize("form", ["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"])
+@pytest.mark.parametrize("path", ["vp", "linear"])
+def test_sde_forms_map_noise_to_data(form, path):
+    # SBDM on the linear path is stiff near t = 1 (w ~ 1 / (1 - t)): start it at 0.98.
+    transport = Transport(path, "velocity", sample_eps=0.02 if (form, path) == ("SBDM", "linear") else None)
+    model = GaussianField(transport.schedule, "velocity")
+    gen = torch.Generator().manual_seed(1)
+    # No last step: the SDE itself keeps the path's marginals down to t = sample_eps. (A "Mean"
+    # last step drops a step's noise, which under-disperses when w stays large near t = 0.)
+    out = transport.sample_sde(model, noise(10000), num_steps=250, diffusion_form=form, last_step=None,
+                               generator=gen)
+    check_gaussian(out, mean_tol=0.06, var_rel_tol=0.1)
+
+
+@pytest.mark.parametrize("last_step", [None, "Mean", "Tweedie", "Euler"])
+def test_sde_heun_and_last_steps(last_step):
+    transport = Transport("linear", "score")
+    model = GaussianField(transport.schedule, "score")
+    gen = torch.Generator().manual_seed(2)
+    out = transport.sample_sde(model, noise(10000), method="heun", num_steps=100, last_step=last_step,
+                               generator=gen)
+    check_gaussian(out, mean_tol=0.06, var_rel_tol=0.1)
+
+
+def test_sde_is_reproducible_with_a_generator():
+    transport = Transport()
+    model = GaussianField(transport.schedule, "velocity")
+    runs = [transport.sample_sde(model, noise(100), num_steps=20, generator=torch.Generator().manual_seed(5))
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_reverse_then_forward_returns_the_input(path):
+    transport = Transport(path)
+    model = GaussianField(transport.schedule, "velocity")
+    x = MU + SIGMA * torch.randn(500, 3, dtype=torch.float64)
+    z = transport.sample_ode(model, x, num_steps=200, reverse=True)
+    torch.testing.assert_close(transport.sample_ode(model, z, num_steps=200), x, atol=2e-4, rtol=1e-4)
+
+
+def gaussian_logpdf(x):
+    return (-0.5 * ((x - MU.double()) / SIGMA.double()) ** 2 - torch.log(SIGMA.double())
+            - 0.5 * math.log(2 * math.pi)).sum(1)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_likelihood_matches_the_analytic_density(path):
+    transport = Transport(path)
+    model = GaussianField(transport.schedule, "velocity")
+    x = MU + SIGMA * torch.randn(64, 3, dtype=torch.float64)
+    got = transport.log_likelihood(model, x, num_steps=200)
+    torch.testing.assert_close(got["logp"], gaussian_logpdf(x), atol=2e-3, rtol=0)
+    torch.testing.assert_close(got["bits_per_dim"], -gaussian_logpdf(x) / (3 * math.log(2)), atol=1e-3, rtol=0)
+
+
+def test_likelihood_hutchinson_is_unbiased():
+    transport = Transport()
+    model = GaussianField(transport.schedule, "velocity")
+    x = MU + SIGMA * torch.randn(256, 3, dtype=torch.float64)
+    got = transport.log_likelihood(model, x, num_steps=100, exact=False, num_probes=4,
+                                   generator=torch.Generator().manual_seed(0))
+    assert abs((got["logp"] - gaussian_logpdf(x)).mean()) < 0.05
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("weight", [None, "velocity", "likelihood"])
+def test_fused_and_reference_losses_agree(path, prediction, weight):
+    model = torch.nn.Linear(3, 3).double()
+    x = MU + SIGMA * torch.randn(32, 3, dtype=torch.float64)
+    losses = []
+    for fused in (True, False):
+        transport = Transport(path, prediction, weight, fused=fused)
+        out = transport.training_losses(lambda x_t, t: model(x_t), x, generator=torch.Generator().manual_seed(3))
+        losses.append(out["loss"])
+        assert out["loss"].shape == (32,) and out["pred"].shape == x.shape
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_exact_fields_have_the_smallest_loss(prediction):
+    """The loss is minimised by the exact field: a check that targets and
+    weightings are consistent with the samplers' conversions."""
+    transport = Transport("linear", prediction)
+    exact = GaussianField(transport.schedule, prediction)
+    x = MU + SIGMA * torch.randn(20000, 3, dtype=torch.float64)
+
+    def mean_loss(model):
+        return transport.training_losses(model, x, generator=torch.Generator().manual_seed(0))["loss"].mean()
+
+    assert mean_loss(exact) < mean_loss(lambda x_t, t: exact(x_t, t) * 1.05)
+
+
+def test_learnable_schedule_receives_gradients():
+    class Learned(schedules.Custom):
+        def __init__(self):
+            super().__init__()
+            self.power = torch.nn.Parameter(torch.tensor(1.5))
+
+        def alpha(self, t):
+            return 1 - t**self.power
+
+        def beta(self, t):
+            return t
+
+    schedule = Learned()
+    transport = Transport(schedule)
+    model = torch.nn.Linear(3, 3)
+    out = transport.training_losses(lambda x_t, t: model(x_t), torch.randn(16, 3))
+    out["loss"].mean().backward()
+    assert schedule.power.grad is not None and schedule.power.grad.abs() > 0
+    ref = Transport(schedule, fused=False).training_losses(lambda x_t, t: model(x_t), torch.randn(16, 3))
+    assert ref["loss"].shape == (16,)
+
+
+def test_official_model_time_adapter():
+    """A model in the official convention (t = 1 data, velocity = data - noise)
+    samples correctly through model_time="official"."""
+    transport = Transport("linear", model_time="official")
+    official = GaussianField(schedules.Linear(), "velocity", official=True)
+    check_gaussian(transport.sample_ode(official, noise(), num_steps=50))
+
+
+def test_eps_defaults():
+    assert (Transport().train_eps, Transport().sample_eps) == (0.0, 0.0)
+    assert (Transport("vp").train_eps, Transport("vp").sample_eps) == (1e-5, 1e-3)
+    assert (Transport(prediction="noise").train_eps, Transport(prediction="noise").sample_eps) == (1e-3, 1e-3)
+    # The official code leaves sample_eps as None when only train_eps is given.
+    only_train = create_transport("VP", train_eps=1e-4)
+    assert only_train.train_eps == 1e-4 and only_train.sample_eps == 1e-3
+    assert Transport("vp").interval() == (1e-5, 1.0)
+    assert Transport("linear", "score").interval(sample=True) == (1e-3, 1 - 1e-3)
+
+
+def test_logit_normal_time_sampler():
+    t = Transport(time_sampler="logit_normal").sample_time(10000, generator=torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.02 and t.std() < 0.25
+
+
+def test_classifier_free_guidance_interval():
+    class Labelled(torch.nn.Module):
+        num_classes = 10
+
+        def forward(self, x, t, y):
+            return x + y.to(x.dtype)[:, None]
+
+    transport = Transport()
+    model = Labelled()
+    y = torch.tensor([2, 3])
+    guided = transport._guided(model, {"y": y}, 3.0, (0.5, 1.0), None)
+    x = torch.zeros(2, 3)
+    inside, outside = guided(x, torch.tensor([0.7, 0.7])), guided(x, torch.tensor([0.2, 0.2]))
+    cond, uncond = y[:, None].float(), torch.full((2, 1), 10.0)
+    torch.testing.assert_close(inside, (uncond + 3.0 * (cond - uncond)).expand(2, 3))
+    torch.testing.assert_close(outside, cond.expand(2, 3))
+    out = transport.sample_ode(model, torch.randn(2, 3), num_steps=4, model_kwargs={"y": y}, cfg_scale=2.0)
+    assert out.shape == (2, 3)
+
+
+def test_compiled_step():
+    transport = Transport()
+    model = GaussianField(transport.schedule, "velocity")
+    eager = transport.sample_ode(model, noise(256), num_steps=10)
+    compiled = transport.sample_ode(model, noise(256), num_steps=10, compile=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown path"):
+        Transport("quadratic")
+    with pytest.raises(ValueError, match="unknown prediction"):
+        Transport(prediction="x0")
+    with pytest.raises(ValueError, match="unknown loss_weight"):
+        Transport(loss_weight="snr")
+    with pytest.raises(ValueError, match="train_eps"):
+        Transport(train_eps=0.7)
+    with pytest.raises(ValueError, match="sample_eps"):
+        Transport(sample_eps=-0.1)
+    transport = Transport()
+    with pytest.raises(ValueError, match="shape"):
+        transport.training_losses(lambda x_t, t: x_t[:, :2], torch.randn(4, 3))
+    model = GaussianField(transport.schedule, "velocity")
+    with pytest.raises(ValueError, match="unknown diffusion_form"):
+        transport.sample_sde(model, noise(4), diffusion_form="increasing_decreasing")
+    with pytest.raises(ValueError, match="unknown last_step"):
+        transport.sample_sde(model, noise(4), last_step="Median")
+    with pytest.raises(ValueError, match="labels"):
+        transport.sample_ode(model, noise(4), cfg_scale=2.0)

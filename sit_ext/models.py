@@ -458,8 +458,8 @@ _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28,
 
 
 def _preset(depth: int, hidden: int, heads: int, patch: int):
-    def make(**kwargs) -> SiT:
-        return SiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
+    def make(**overrides) -> SiT:
+        return SiT(**({"depth": depth, "hidden_size": hidden, "patch_size": patch, "num_heads": heads} | overrides))
 
     return make
 

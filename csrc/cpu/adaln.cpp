@@ -52,15 +52,31 @@ void row_for(int64_t n, const VecF& fv, const ScalarF& fs) {
   for (; i < n; ++i) fs(i);
 }
 
-// Per-sample column sums for backward: body(b, row_begin, row_end, acc)
-// adds K columns sums of D values into acc (zeroed, acc_t[K * D]) for rows
-// [row_begin, row_end) of sample b; outs[k] (nullable, [B, D]) receive the
-// totals, added over chunks in order, in double.
+// Per-sample column sums for backward: body(b, row_begin, row_end, acc) adds
+// the K column sums of D values of rows [row_begin, row_end) of sample b into
+// acc (zeroed, acc_t[K * D]); outs[k] (nullable, [B, D]) receive the totals.
+// A sample of more than kRowChunk rows is split into chunks whose sums are
+// added in chunk order, in double: deterministic for any number of threads.
 template <int K, typename scalar_t, typename Body>
 void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<scalar_t*, K> outs,
                  const Body& body) {
   using acc_t = typename Row<scalar_t>::acc_t;
   const int64_t chunks = std::max<int64_t>(1, (tokens + kRowChunk - 1) / kRowChunk);
+  if (chunks == 1) {  // a whole sample per task: straight into the outputs
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, tokens * dim));
+    at::parallel_for(0, batch, grain, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> acc(static_cast<size_t>(K * dim));
+      for (int64_t b = lo; b < hi; ++b) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        body(b, b * tokens, (b + 1) * tokens, acc.data());
+        for (int k = 0; k < K; ++k) {
+          if (outs[k] == nullptr) continue;
+          for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = scalar_t(acc[k * dim + d]);
+        }
+      }
+    });
+    return;
+  }
   std::vector<acc_t> partial(static_cast<size_t>(batch * chunks * K * dim));
   const int64_t grain = std::max<int64_t>(1, 4096 / (kRowChunk * dim));
   at::parallel_for(0, batch * chunks, grain, [&](int64_t lo, int64_t hi) {
@@ -71,16 +87,17 @@ void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<scalar_t
       body(b, b * tokens + first, b * tokens + std::min(tokens, first + kRowChunk), acc);
     }
   });
-  at::parallel_for(0, batch, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      for (int k = 0; k < K; ++k) {
-        if (outs[k] == nullptr) continue;
-        for (int64_t d = 0; d < dim; ++d) {
-          double s = 0;
-          for (int64_t c = 0; c < chunks; ++c) s += partial[((b * chunks + c) * K + k) * dim + d];
-          outs[k][b * dim + d] = scalar_t(s);
-        }
+  at::parallel_for(0, batch * K, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<double> total(static_cast<size_t>(dim));
+    for (int64_t bk = lo; bk < hi; ++bk) {
+      const int64_t b = bk / K, k = bk % K;
+      if (outs[k] == nullptr) continue;
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const acc_t* p = &partial[((b * chunks + c) * K + k) * dim];
+        for (int64_t d = 0; d < dim; ++d) total[d] += p[d];
       }
+      for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = scalar_t(total[d]);
     }
   });
 }

@@ -1,0 +1,337 @@
+"""Training: model construction from data, EMA, atomic checkpoints with every
+RNG state, bit-exact resume, and torchrun DistributedDataParallel.
+
+Checkpoints hold only tensors and plain Python values and are always loaded
+with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import data as data_lib
+from .models import SiT, SiT_models
+from .transport import Transport
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or for another model."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = "checkerboard"
+    data_size: int = 50_000
+    model: str = "vector"  # "vector", or a preset such as "SiT-S/2" for image data
+    hidden_size: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    patch_size: int | None = None
+    class_dropout_prob: float = 0.1
+    path: str = "linear"
+    prediction: str = "velocity"
+    loss_weight: str | None = None
+    train_eps: float | None = None
+    sample_eps: float | None = None
+    time_sampler: str = "uniform"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    steps: int = 1000
+    grad_clip: float | None = None
+    ema_decay: float = 0.9999
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
+    compile: bool = False
+    fused: bool = True
+    seed: int = 0
+    out: str = "runs/sit"
+    ckpt_every: int = 500
+    log_every: int = 10
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def build_model(cfg: TrainConfig, ds: data_lib.Dataset) -> SiT:
+    """The SiT for a data set: a preset (with size overrides) for images, the
+    vector model otherwise."""
+    if ds.kind == "image":
+        _, channels, height, width = ds.x.shape
+        if height != width:
+            raise data_lib.DataError(f"image data must be square, got {height}x{width}")
+        name = "SiT-S/2" if cfg.model == "vector" else cfg.model
+        if name not in SiT_models:
+            raise ValueError(f"unknown model {name!r}: choose 'vector' or one of {sorted(SiT_models)}")
+        overrides = {k: v for k, v in (("hidden_size", cfg.hidden_size), ("depth", cfg.depth),
+                                       ("num_heads", cfg.heads), ("patch_size", cfg.patch_size)) if v}
+        return SiT_models[name](input_size=height, in_channels=channels, num_classes=ds.num_classes,
+                                learn_sigma=False, class_dropout_prob=cfg.class_dropout_prob, **overrides)
+    if cfg.model != "vector":
+        raise ValueError(f"model {cfg.model!r} is for image data; {ds.name} is {ds.kind} data: use --model vector")
+    return SiT.build(ds.x.shape[-1], hidden_size=cfg.hidden_size or 256, num_layers=cfg.depth or 6,
+                     num_heads=cfg.heads or 4, num_classes=ds.num_classes,
+                     class_dropout_prob=cfg.class_dropout_prob, max_seq_len=ds.x.shape[1] if ds.x.dim() == 3 else 1)
+
+
+def make_transport(cfg: TrainConfig) -> Transport:
+    return Transport(cfg.path, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps, cfg.time_sampler)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+class ShardedBatches:
+    """Random batches of indices, resumable. Each epoch draws one permutation
+    from seed + epoch, the same on every rank, and rank r takes every
+    world-th index from r (DistributedSampler's scheme); batches run on across
+    epoch ends."""
+
+    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0):
+        if n < world:
+            raise data_lib.DataError(f"{n} samples cannot be shared by {world} processes")
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.epoch, self.offset = 0, 0
+        self._shard: torch.Tensor | None = None
+
+    def _current(self) -> torch.Tensor:
+        if self._shard is None:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            self._shard = perm[self.rank :: self.world]
+        return self._shard
+
+    def next(self) -> torch.Tensor:
+        parts, need = [], self.batch
+        while need:
+            shard = self._current()
+            take = shard[self.offset : self.offset + need]
+            parts.append(take)
+            need -= len(take)
+            self.offset += len(take)
+            if self.offset >= len(shard):
+                self.epoch, self.offset, self._shard = self.epoch + 1, 0, None
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self._shard = int(state["epoch"]), int(state["offset"]), None
+
+
+def rng_state() -> dict:
+    """Every RNG this process uses, as tensors and plain values."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Writes a temporary file and renames it over `path`: a crash mid-write
+    leaves the previous checkpoint intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A sit_ext training checkpoint, loaded without running code from it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt zip, bad pickle, refused globals: one message
+        raise CheckpointError(f"cannot read checkpoint {path!r}: it is corrupt or holds more than tensors and "
+                              f"plain values ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise CheckpointError(f"{path!r} is not a sit_ext training checkpoint (no model/config/step)")
+    return ckpt
+
+
+def load_weights(model: nn.Module, state: dict, what: str) -> None:
+    """load_state_dict with a clear error when the checkpoint is for another model."""
+    own = model.state_dict()
+    bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+    extra = sorted(k for k in state if k not in own)
+    if bad or extra:
+        raise CheckpointError(f"{what} does not fit this model: {len(bad)} missing or mis-shaped entries "
+                              f"({', '.join(bad[:5])}), {len(extra)} unexpected ({', '.join(extra[:5])})")
+    model.load_state_dict(state)
+
+
+# --------------------------------------------------------------- training
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> dict:
+    """Trains per `cfg`; returns a summary (steps, last loss, checkpoint, timing)."""
+    rank, world, local_rank = _distributed()
+    device = resolve_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]), steps=cfg.steps, out=cfg.out,
+                                  ckpt_every=cfg.ckpt_every, log_every=cfg.log_every)
+    torch.manual_seed(cfg.seed + rank)  # per-rank noise and times; the data order is shared
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+
+    ds = data_lib.load(cfg.data, cfg.data_size, seed=cfg.seed)
+    model = build_model(cfg, ds).to(device)
+    model.fused = cfg.fused
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    transport = make_transport(cfg)
+    batches = ShardedBatches(len(ds.x), cfg.batch_size, rank, world, cfg.seed)
+    step = 0
+    if ckpt is not None:
+        load_weights(model, ckpt["model"], "the checkpoint's model weights")
+        load_weights(ema, ckpt["ema"], "the checkpoint's EMA weights")
+        optimizer.load_state_dict(ckpt["opt"])
+        batches.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        step = int(ckpt["step"])
+
+    runner: nn.Module = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        runner = torch.compile(runner)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    x_all = ds.x.to(device)
+    labels = ds.labels.to(device) if ds.labels is not None else None
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    ckpt_path = os.path.join(cfg.out, "latest.pt")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
+                "step": step, "config": dataclasses.asdict(cfg), "sampler": batches.state_dict(), "rng": rngs,
+                "data": {"name": ds.name, "kind": ds.kind, "shape": list(ds.x.shape[1:]),
+                         "num_classes": ds.num_classes},
+            })
+
+    model.train()
+    last_loss, t_start, steps_done = float("nan"), time.perf_counter(), 0
+    window_start, window_steps = time.perf_counter(), 0
+    while step < cfg.steps:
+        idx = batches.next().to(device)
+        kwargs = {"y": labels[idx]} if labels is not None else None
+        with autocast:
+            terms = transport.training_losses(runner, x_all[idx], model_kwargs=kwargs)
+        loss = terms["loss"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        update_ema(ema, model, cfg.ema_decay)
+        step, steps_done, window_steps = step + 1, steps_done + 1, window_steps + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            value = loss.detach().float()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            last_loss = value.item()
+            rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+            window_start, window_steps = time.perf_counter(), 0
+            if rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": last_loss, "it_s": rate, "lr": cfg.lr}) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", it_s=f"{rate:.1f}")
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    if world > 1:
+        dist.barrier()
+    return {"steps": step, "loss": last_loss, "checkpoint": ckpt_path, "seconds": elapsed,
+            "it_s": steps_done / max(elapsed, 1e-9), "rank": rank, "world": world,
+            "model": model, "ema": ema, "data": ds, "transport": transport, "config": cfg}

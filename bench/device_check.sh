@@ -43,19 +43,24 @@ for tool in memcheck racecheck initcheck; do
 done
 
 step "benchmarks"
-$PY bench/run.py --device cuda --out "$PREFIX-ops.json"
+# Batch 32 at every size and dtype keeps the check near 8 minutes; FULL=1 adds 8, 128 and 256 and
+# the torch.compile variants of the model benchmark.
+if [ "${FULL:-0}" = 1 ]; then BATCHES="8 32 128 256"; MODEL_FLAGS=""; else BATCHES="32"; MODEL_FLAGS="--no-compile"; fi
+$PY bench/run.py --device cuda --batch $BATCHES --out "$PREFIX-ops.json"
 STATUS[bench]=$?
+$PY bench/run.py --device cuda --models $MODEL_FLAGS --out "$PREFIX-models.json"
+STATUS[models]=$?
 
 step "summary"
 $PY - "$PREFIX" "${STATUS[tests]}" "${STATUS[memcheck]}" "${STATUS[racecheck]}" "${STATUS[initcheck]}" \
-  "${STATUS[bench]}" <<'PY'
+  "${STATUS[bench]}" "${STATUS[models]}" <<'PY'
 import json, sys, torch, sit_ext
 from sit_ext.benchmark import machine_info
-prefix, tests, memcheck, racecheck, initcheck, bench = sys.argv[1:]
+prefix, tests, memcheck, racecheck, initcheck, bench, models = sys.argv[1:]
 summary = {**machine_info(torch.device("cuda")),
            "tests_exit": tests, "memcheck_exit": memcheck, "racecheck_exit": racecheck,
-           "initcheck_exit": initcheck, "bench_exit": bench,
-           "benchmarks": prefix + "-ops.json", "tests_junit": prefix + "-tests.xml"}
+           "initcheck_exit": initcheck, "bench_exit": bench, "models_exit": models,
+           "benchmarks": [prefix + "-ops.json", prefix + "-models.json"], "tests_junit": prefix + "-tests.xml"}
 with open(prefix + "-summary.json", "w") as f:
     json.dump(summary, f, indent=1)
 print(json.dumps(summary, indent=1))

@@ -1,6 +1,7 @@
 """Shared test helpers: inputs in several layouts, and error bounds relative to
 what eager PyTorch achieves at the same precision."""
 
+import pytest
 import torch
 
 
@@ -43,3 +44,12 @@ def leaves(*tensors, dtype=None):
         t = t.detach() if dtype is None else t.detach().to(dtype).contiguous()
         out.append(t.requires_grad_(True))
     return out
+
+
+def expect_error(fn, *fragments):
+    """fn raises a ValueError or RuntimeError whose message holds every fragment."""
+    with pytest.raises((ValueError, RuntimeError)) as info:
+        fn()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

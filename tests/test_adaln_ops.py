@@ -6,7 +6,7 @@ input."""
 import pytest
 import torch
 from conftest import ATOL, DTYPES
-from helpers import assert_close_to_ref, leaves
+from helpers import assert_close_to_ref, expect_error, leaves
 
 from sit_ext import ops
 from sit_ext import reference as ref
@@ -167,13 +167,6 @@ def test_backward_is_deterministic(device):
                 assert all(torch.equal(a, b) for a, b in zip(first, grads()))
     finally:
         torch.set_num_threads(threads)
-
-
-def expect_error(fn, *fragments):
-    with pytest.raises((ValueError, RuntimeError)) as info:
-        fn()
-    for fragment in fragments:
-        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
 
 
 def test_bad_input(device):

@@ -5,7 +5,7 @@ torch.compile, determinism and bad input."""
 import pytest
 import torch
 from conftest import ATOL, DTYPES
-from helpers import assert_close_to_ref, leaves, rand_time, randn
+from helpers import assert_close_to_ref, expect_error, leaves, rand_time, randn
 
 import sit_ext
 from sit_ext import ops
@@ -262,14 +262,6 @@ def test_backward_is_deterministic(device):
 
 
 # ------------------------------------------------------------------ bad input
-
-
-def expect_error(fn, *fragments):
-    with pytest.raises((ValueError, RuntimeError)) as info:
-        fn()
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
 def test_bad_input(device):

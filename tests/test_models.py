@@ -303,3 +303,14 @@ def test_env_does_not_download():
     # from_pretrained takes local files only; a URL-like string is just a missing file.
     with pytest.raises((FileNotFoundError, OSError)):
         SiT.from_pretrained(os.path.join("https://example.com", "SiT-XL-2-256x256.pt"))
+
+
+def test_sampling_through_forward_with_cfg():
+    """The official way to guide: the sampler calls model.forward_with_cfg on a
+    doubled batch whose second half has null labels."""
+    model = image_model()
+    z = torch.randn(2, 4, 8, 8)
+    z, y = torch.cat([z, z]), torch.tensor([1, 2, 10, 10])
+    out = sit_ext.Transport().sample_ode(model.forward_with_cfg, z, num_steps=3,
+                                         model_kwargs={"y": y, "cfg_scale": 3.0})
+    assert out.shape == z.shape and torch.equal(out[:2], out[2:])

@@ -184,11 +184,6 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift,
   });
 }
 
-Tensor stats_empty(const Tensor& x) {
-  return at::empty(x.sizes().slice(0, x.dim() - 1),
-                   x.options().dtype(at::toOpMathType(x.scalar_type())));
-}
-
 std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x_, const Tensor& shift,
                                                const Tensor& scale, double eps) {
   constexpr const char* op = "ln_modulate";
@@ -250,19 +245,6 @@ Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {
 }
 
 // ----------------------------------------------------------------- backward
-
-Tensor empty_if(bool needed, const Tensor& like) {
-  return needed ? at::empty_like(like) : at::empty({0}, like.options());
-}
-
-Tensor per_sample_empty(bool needed, const AdalnArgs& a) {
-  return needed ? at::empty({a.batch, a.dim}, a.x.options()) : at::empty({0}, a.x.options());
-}
-
-template <typename scalar_t>
-scalar_t* ptr_if(bool needed, Tensor& t) {
-  return needed ? t.mutable_data_ptr<scalar_t>() : nullptr;
-}
 
 // The LayerNorm + modulate backward of one row, plus (for the gated residual)
 // the residual's own gradient grad_x_out. Writes dx_total = dx_ln + grad_x_out
@@ -349,10 +331,10 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y,
     const scalar_t *x = a.x.const_data_ptr<scalar_t>(), *dy_p = dy.const_data_ptr<scalar_t>();
     const scalar_t* scale_p = scale.const_data_ptr<scalar_t>();
     const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
-    scalar_t* dx_p = ptr_if<scalar_t>(mask[0], dx);
+    scalar_t* dx_p = out_ptr<scalar_t>(dx);
     const RowGrads rg{D, mask[1], mask[2], false};
     column_sums<2, scalar_t>(
-        a.batch, T, D, {ptr_if<scalar_t>(mask[1], dshift), ptr_if<scalar_t>(mask[2], dscale)},
+        a.batch, T, D, {out_ptr<scalar_t>(dshift), out_ptr<scalar_t>(dscale)},
         [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
           for (int64_t r = lo; r < hi; ++r) {
             adaln_backward_row<scalar_t>(rg, x + r * D, dy_p + r * D, nullptr, nullptr, nullptr,
@@ -385,16 +367,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_ba
     const int64_t D = a.dim, T = a.tokens, cs = scale.stride(0), gs = gate.stride(0);
     const scalar_t *xo = a.x.const_data_ptr<scalar_t>(), *h = a.h.const_data_ptr<scalar_t>();
     const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
-    const scalar_t* dxo_p = dxo.defined() ? dxo.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* dxo_p = in_ptr<scalar_t>(dxo);
     const scalar_t *gate_p = gate.const_data_ptr<scalar_t>(), *scale_p = scale.const_data_ptr<scalar_t>();
     const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
-    scalar_t* dx_p = ptr_if<scalar_t>(mask[0], dx);
-    scalar_t* dh_p = ptr_if<scalar_t>(mask[1], dh);
+    scalar_t* dx_p = out_ptr<scalar_t>(dx);
+    scalar_t* dh_p = out_ptr<scalar_t>(dh);
     const RowGrads rg{D, mask[3], mask[4], mask[2]};
     column_sums<3, scalar_t>(
         a.batch, T, D,
-        {ptr_if<scalar_t>(mask[3], dshift), ptr_if<scalar_t>(mask[4], dscale),
-         ptr_if<scalar_t>(mask[2], dgate)},
+        {out_ptr<scalar_t>(dshift), out_ptr<scalar_t>(dscale),
+         out_ptr<scalar_t>(dgate)},
         [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
           for (int64_t r = lo; r < hi; ++r) {
             const int64_t o = r * D;
@@ -420,9 +402,9 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Te
     const int64_t D = a.dim, gs = gate.stride(0);
     const scalar_t *g = a.x.const_data_ptr<scalar_t>(), *h = a.h.const_data_ptr<scalar_t>();
     const scalar_t* gate_p = gate.const_data_ptr<scalar_t>();
-    scalar_t* dh_p = ptr_if<scalar_t>(mask[0], dh);
+    scalar_t* dh_p = out_ptr<scalar_t>(dh);
     column_sums<1, scalar_t>(
-        a.batch, a.tokens, D, {ptr_if<scalar_t>(mask[1], dgate)},
+        a.batch, a.tokens, D, {out_ptr<scalar_t>(dgate)},
         [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
           const scalar_t* gr = gate_p + b * gs;
           for (int64_t r = lo; r < hi; ++r) {

@@ -18,10 +18,6 @@ Coef<at::vec::Vectorized<acc_t>> broadcast(const Coef<acc_t>& c) {
   return {Vec(c.a), Vec(c.b), Vec(c.da), Vec(c.db), Vec(c.dda), Vec(c.ddb)};
 }
 
-Tensor empty_if(bool needed, const Tensor& like) {
-  return needed ? at::empty_like(like) : at::empty({0}, like.options());
-}
-
 // The gradient of t (or of the coefficient table) in t's dtype, from
 // per_sample(b, g), which writes sample b's values into g (in double).
 template <typename PerSample>
@@ -36,10 +32,6 @@ Tensor time_grad(const TimeArg& ta, const Tensor& t, const PerSample& per_sample
   return out;
 }
 
-Tensor acc_empty(at::IntArrayRef sizes, const Tensor& x) {
-  return at::empty(sizes, x.options().dtype(at::toOpMathType(x.scalar_type())));
-}
-
 std::tuple<Tensor, Tensor> interpolant(const Tensor& x_, const Tensor& noise_, const Tensor& t,
                                        int64_t schedule, std::array<bool, 2> mask) {
   const SampleArgs a = sample_args("interpolant", x_, noise_, t, schedule);
@@ -49,8 +41,8 @@ std::tuple<Tensor, Tensor> interpolant(const Tensor& x_, const Tensor& noise_, c
     using acc_t = typename IO::acc_t;
     const scalar_t* x = a.x.const_data_ptr<scalar_t>();
     const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
-    scalar_t* xt_p = mask[0] ? xt.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ut_p = mask[1] ? ut.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* xt_p = out_ptr<scalar_t>(xt);
+    scalar_t* ut_p = out_ptr<scalar_t>(ut);
     for_each_chunk<0>(a.rows, a.n, nullptr, [&](int64_t row, int64_t i, int64_t end, double*) {
       const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
       const auto cv = broadcast(c);
@@ -85,10 +77,10 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
     using Vec = typename IO::Vec;
     const scalar_t* x = a.x.const_data_ptr<scalar_t>();
     const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
-    const scalar_t* gx = gx_t.defined() ? gx_t.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gu = gu_t.defined() ? gu_t.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dx_p = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dn_p = mask[1] ? dn.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gx = in_ptr<scalar_t>(gx_t);
+    const scalar_t* gu = in_ptr<scalar_t>(gu_t);
+    scalar_t* dx_p = out_ptr<scalar_t>(dx);
+    scalar_t* dn_p = out_ptr<scalar_t>(dn);
     auto body = [&](int64_t row, int64_t i, int64_t end, double* sums) {
       const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
       const auto cv = broadcast(c);
@@ -190,9 +182,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
     const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
     const acc_t* g = grad.const_data_ptr<acc_t>();
     const int64_t g_stride = grad.stride(0);
-    scalar_t* dp_p = mask[0] ? dp.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dx_p = mask[1] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dn_p = mask[2] ? dn.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dp_p = out_ptr<scalar_t>(dp);
+    scalar_t* dx_p = out_ptr<scalar_t>(dx);
+    scalar_t* dn_p = out_ptr<scalar_t>(dn);
     auto body = [&](int64_t row, int64_t i, int64_t end, double* sums) {
       const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
       const auto cv = broadcast(c);
@@ -281,8 +273,8 @@ std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad_, const Tensor& pred_
     using Vec = typename IO::Vec;
     const scalar_t* p = pred.const_data_ptr<scalar_t>();
     const scalar_t* q = target.const_data_ptr<scalar_t>();
-    scalar_t* dp_p = mask[0] ? dp.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dq_p = mask[1] ? dq.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dp_p = out_ptr<scalar_t>(dp);
+    scalar_t* dq_p = out_ptr<scalar_t>(dq);
     const acc_t k = acc_t(2) * *grad.const_data_ptr<acc_t>() / acc_t(pred.numel());
     const Vec kv(k);
     for_each_chunk<0>(1, pred.numel(), nullptr, [&](int64_t, int64_t i, int64_t end, double*) {

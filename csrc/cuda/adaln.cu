@@ -397,29 +397,6 @@ bool rows_aligned(std::initializer_list<const void*> ptrs, std::initializer_list
   return aligned16(ptrs);
 }
 
-template <typename scalar_t>
-const scalar_t* cptr(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
-template <typename scalar_t>
-scalar_t* mptr(Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<scalar_t>() : nullptr;
-}
-
-Tensor stats_empty(const Tensor& x) {
-  return at::empty(x.sizes().slice(0, x.dim() - 1),
-                   x.options().dtype(at::toOpMathType(x.scalar_type())));
-}
-
-Tensor empty_if(bool needed, const Tensor& like) {
-  return needed ? at::empty_like(like) : at::empty({0}, like.options());
-}
-
-Tensor per_sample_empty(bool needed, const AdalnArgs& a) {
-  return needed ? at::empty({a.batch, a.dim}, a.x.options()) : at::empty({0}, a.x.options());
-}
-
 // Rows per backward block: enough blocks to fill the GPU about twice, and at
 // least 16 rows so that the partial sums stay small next to the data.
 int64_t chunk_rows_for(const AdalnArgs& a, int rows_per_step) {
@@ -436,10 +413,10 @@ void adaln_forward(const char* op, const AdalnArgs& a, const Tensor& gate, const
   if (rows == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "adaln_forward", [&] {
-    const ModArgs<scalar_t> mod{cptr<scalar_t>(gate), cptr<scalar_t>(shift), cptr<scalar_t>(scale),
+    const ModArgs<scalar_t> mod{in_ptr<scalar_t>(gate), in_ptr<scalar_t>(shift), in_ptr<scalar_t>(scale),
                                 gate.defined() ? gate.stride(0) : 0, shift.stride(0), scale.stride(0)};
-    const scalar_t *x = cptr<scalar_t>(a.x), *h = cptr<scalar_t>(a.h);
-    scalar_t *xo = mptr<scalar_t>(x_out), *yp = mptr<scalar_t>(y);
+    const scalar_t *x = in_ptr<scalar_t>(a.x), *h = in_ptr<scalar_t>(a.h);
+    scalar_t *xo = out_ptr<scalar_t>(x_out), *yp = out_ptr<scalar_t>(y);
     const bool aligned = rows_aligned({x, h, xo, yp, mod.gate, mod.shift, mod.scale},
                                       {mod.gate_stride, mod.shift_stride, mod.scale_stride},
                                       sizeof(scalar_t));
@@ -473,11 +450,11 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "adaln_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ModArgs<scalar_t> mod{cptr<scalar_t>(gate), nullptr, cptr<scalar_t>(scale),
+    const ModArgs<scalar_t> mod{in_ptr<scalar_t>(gate), nullptr, in_ptr<scalar_t>(scale),
                                 gate.defined() ? gate.stride(0) : 0, 0, scale.stride(0)};
-    BackwardArgs<scalar_t> args{cptr<scalar_t>(dy), cptr<scalar_t>(a.x), cptr<scalar_t>(dxo),
-                                cptr<scalar_t>(a.h), mean.const_data_ptr<acc_t>(),
-                                rstd.const_data_ptr<acc_t>(), mptr<scalar_t>(dx), mptr<scalar_t>(dh),
+    BackwardArgs<scalar_t> args{in_ptr<scalar_t>(dy), in_ptr<scalar_t>(a.x), in_ptr<scalar_t>(dxo),
+                                in_ptr<scalar_t>(a.h), mean.const_data_ptr<acc_t>(),
+                                rstd.const_data_ptr<acc_t>(), out_ptr<scalar_t>(dx), out_ptr<scalar_t>(dh),
                                 nullptr, dshift.numel() > 0, dscale.numel() > 0, dgate.numel() > 0};
     const bool aligned = rows_aligned({args.dy, args.xo, args.dxo, args.h, args.dx, args.dh, mod.gate,
                                        mod.scale},
@@ -502,8 +479,8 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (!need_cols) return;
       column_sums_kernel<scalar_t><<<ceil_div(a.batch * a.dim, kThreads), kThreads, 0, stream>>>(
-          args.partial, a.batch, chunks, 3, a.dim, mptr<scalar_t>(dshift), mptr<scalar_t>(dscale),
-          mptr<scalar_t>(dgate));
+          args.partial, a.batch, chunks, 3, a.dim, out_ptr<scalar_t>(dshift), out_ptr<scalar_t>(dscale),
+          out_ptr<scalar_t>(dgate));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -582,8 +559,8 @@ Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {
   if (out.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    const scalar_t *x = cptr<scalar_t>(a.x), *h = cptr<scalar_t>(a.h), *g = cptr<scalar_t>(gate);
-    scalar_t* o = mptr<scalar_t>(out);
+    const scalar_t *x = in_ptr<scalar_t>(a.x), *h = in_ptr<scalar_t>(a.h), *g = in_ptr<scalar_t>(gate);
+    scalar_t* o = out_ptr<scalar_t>(out);
     const bool vec = a.dim % kVecOf<scalar_t> == 0 &&
                      rows_aligned({x, h, g, o}, {gate.stride(0)}, sizeof(scalar_t));
     with_vec<scalar_t>(vec, [&](auto v) {
@@ -609,23 +586,22 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Te
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *g = cptr<scalar_t>(a.x), *h = cptr<scalar_t>(a.h), *gt = cptr<scalar_t>(gate);
-    scalar_t* dh_p = mptr<scalar_t>(dh);
+    const scalar_t *g = in_ptr<scalar_t>(a.x), *h = in_ptr<scalar_t>(a.h), *gt = in_ptr<scalar_t>(gate);
+    scalar_t* dh_p = out_ptr<scalar_t>(dh);
     const bool aligned = rows_aligned({g, h, gt, dh_p}, {gate.stride(0)}, sizeof(scalar_t));
     const Tiling t = tiling<scalar_t>(op, a.dim, aligned);
     with_tiling<scalar_t>(t, [&](auto vec, auto per) {
       constexpr int kVec = decltype(vec)::value, kPacks = decltype(per)::value;
       const int64_t chunk_rows = chunk_rows_for(a, 1);
       const int64_t chunks = std::max<int64_t>(1, ceil_div(a.tokens, chunk_rows));
-      Tensor partial = at::empty({mask[1] ? a.batch * chunks * a.dim : 0},
-                                 a.x.options().dtype(at::toOpMathType(a.x.scalar_type())));
+      Tensor partial = acc_empty({mask[1] ? a.batch * chunks * a.dim : 0}, a.x);
       acc_t* partial_p = mask[1] ? partial.mutable_data_ptr<acc_t>() : nullptr;
       gated_residual_backward_kernel<scalar_t, kVec, kPacks><<<a.batch * chunks, t.threads, 0, stream>>>(
           g, h, gt, gate.stride(0), dh_p, partial_p, a.tokens, a.dim, chunk_rows, chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (!mask[1]) return;
       column_sums_kernel<scalar_t><<<ceil_div(a.batch * a.dim, kThreads), kThreads, 0, stream>>>(
-          partial_p, a.batch, chunks, 1, a.dim, mptr<scalar_t>(dgate), nullptr, nullptr);
+          partial_p, a.batch, chunks, 1, a.dim, out_ptr<scalar_t>(dgate), nullptr, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

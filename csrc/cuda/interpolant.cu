@@ -237,15 +237,6 @@ __global__ void time_grad_finalize_kernel(const double* partial, int64_t rows, i
 
 // -------------------------------------------------------------- host side
 
-Tensor empty_if(bool needed, const Tensor& like) {
-  return needed ? at::empty_like(like) : at::empty({0}, like.options());
-}
-
-template <typename T>
-T* ptr_if(bool needed, Tensor& t) {
-  return needed ? t.mutable_data_ptr<T>() : nullptr;
-}
-
 // Blocks per row.
 template <int kVec>
 int64_t chunks_for(int64_t n) {
@@ -264,8 +255,8 @@ std::tuple<Tensor, Tensor> interpolant(const Tensor& x_, const Tensor& noise_, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "interpolant", [&] {
     const scalar_t* x = a.x.const_data_ptr<scalar_t>();
     const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
-    scalar_t* xt_p = ptr_if<scalar_t>(mask[0], xt);
-    scalar_t* ut_p = ptr_if<scalar_t>(mask[1], ut);
+    scalar_t* xt_p = out_ptr<scalar_t>(xt);
+    scalar_t* ut_p = out_ptr<scalar_t>(ut);
     const bool vec = a.n % kVecOf<scalar_t> == 0 && aligned16({x, e, xt_p, ut_p});
     with_vec<scalar_t>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
@@ -293,10 +284,10 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
     const scalar_t* x = a.x.const_data_ptr<scalar_t>();
     const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
-    const scalar_t* gx = gx_t.defined() ? gx_t.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gu = gu_t.defined() ? gu_t.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dx_p = ptr_if<scalar_t>(mask[0], dx);
-    scalar_t* dn_p = ptr_if<scalar_t>(mask[1], dn);
+    const scalar_t* gx = in_ptr<scalar_t>(gx_t);
+    const scalar_t* gu = in_ptr<scalar_t>(gu_t);
+    scalar_t* dx_p = out_ptr<scalar_t>(dx);
+    scalar_t* dn_p = out_ptr<scalar_t>(dn);
     const bool vec = a.n % kVecOf<scalar_t> == 0 && aligned16({x, e, gx, gu, dx_p, dn_p});
     with_vec<scalar_t>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
@@ -319,7 +310,7 @@ Tensor velocity_mse(const Tensor& pred_, const Tensor& x_, const Tensor& noise_,
                     int64_t schedule) {
   const SampleArgs a = sample_args("velocity_mse", x_, noise_, t, schedule, pred_);
   const c10::cuda::CUDAGuard guard(a.x.device());
-  Tensor loss = at::empty({a.rows}, a.x.options().dtype(at::toOpMathType(a.x.scalar_type())));
+  Tensor loss = acc_empty({a.rows}, a.x);
   if (a.rows == 0) return loss;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "velocity_mse", [&] {
@@ -359,9 +350,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
     const scalar_t* p = a.pred.const_data_ptr<scalar_t>();
     const scalar_t* x = a.x.const_data_ptr<scalar_t>();
     const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
-    scalar_t* dp_p = ptr_if<scalar_t>(mask[0], dp);
-    scalar_t* dx_p = ptr_if<scalar_t>(mask[1], dx);
-    scalar_t* dn_p = ptr_if<scalar_t>(mask[2], dn);
+    scalar_t* dp_p = out_ptr<scalar_t>(dp);
+    scalar_t* dx_p = out_ptr<scalar_t>(dx);
+    scalar_t* dn_p = out_ptr<scalar_t>(dn);
     const bool vec = a.n % kVecOf<scalar_t> == 0 && aligned16({p, x, e, dp_p, dx_p, dn_p});
     with_vec<scalar_t>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
@@ -385,7 +376,7 @@ Tensor mse(const Tensor& pred_, const Tensor& target_) {
   check_mse_args("mse", pred_, target_);
   const c10::cuda::CUDAGuard guard(pred_.device());
   const Tensor pred = pred_.contiguous(), target = target_.contiguous();
-  Tensor out = at::empty({}, pred.options().dtype(at::toOpMathType(pred.scalar_type())));
+  Tensor out = acc_empty({}, pred);
   const int64_t n = pred.numel();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mse", [&] {
@@ -422,8 +413,8 @@ std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad_, const Tensor& pred_
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* p = pred.const_data_ptr<scalar_t>();
     const scalar_t* q = target.const_data_ptr<scalar_t>();
-    scalar_t* dp_p = ptr_if<scalar_t>(mask[0], dp);
-    scalar_t* dq_p = ptr_if<scalar_t>(mask[1], dq);
+    scalar_t* dp_p = out_ptr<scalar_t>(dp);
+    scalar_t* dq_p = out_ptr<scalar_t>(dq);
     with_vec<scalar_t>(n % kVecOf<scalar_t> == 0 && aligned16({p, q, dp_p, dq_p}), [&](auto v) {
       constexpr int kVec = decltype(v)::value;
       mse_backward_kernel<scalar_t, kVec><<<chunks_for<kVec>(n), kThreads, 0, stream>>>(

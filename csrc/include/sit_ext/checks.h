@@ -189,4 +189,37 @@ inline void check_stats(const char* op, const at::Tensor& mean, const at::Tensor
   }
 }
 
+// ---- Outputs.
+
+// A tensor like `like`, or an empty one when the output is not asked for.
+inline at::Tensor empty_if(bool needed, const at::Tensor& like) {
+  return needed ? at::empty_like(like) : at::empty({0}, like.options());
+}
+
+// A tensor in x's accumulation dtype: float32, or float64 for float64 x.
+inline at::Tensor acc_empty(at::IntArrayRef sizes, const at::Tensor& x) {
+  return at::empty(sizes, x.options().dtype(at::toOpMathType(x.scalar_type())));
+}
+
+// Per-row statistics of x: shape x.shape[:-1], in the accumulation dtype.
+inline at::Tensor stats_empty(const at::Tensor& x) {
+  return acc_empty(x.sizes().slice(0, x.dim() - 1), x);
+}
+
+// A [B, D] per-sample gradient, or an empty tensor when not asked for.
+inline at::Tensor per_sample_empty(bool needed, const AdalnArgs& a) {
+  return needed ? at::empty({a.batch, a.dim}, a.x.options()) : at::empty({0}, a.x.options());
+}
+
+// Data pointers for kernels: null for an undefined or empty tensor (an input
+// not given, an output not asked for), so kernels skip it.
+template <typename T>
+const T* in_ptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* out_ptr(at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
+}
+
 }  // namespace sit_ext

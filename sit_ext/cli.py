@@ -136,8 +136,12 @@ def _labels(args, num_classes, n, device):
 
 
 def write_samples(out_dir: str, samples: torch.Tensor, labels, kind: str, title: str,
-                  reference: torch.Tensor | None = None) -> list[str]:
-    """samples.npz, and samples.png: a scatter plot for 2-D points, a grid for images."""
+                  reference: torch.Tensor | None = None, picture: torch.Tensor | None = None,
+                  rows: int | None = None) -> list[str]:
+    """samples.npz, and samples.png: a scatter plot for 2-D points, for images a
+    grid of `picture` in `rows` rows (default: the first 64 samples)."""
+    import numpy as np
+
     from . import plots
 
     os.makedirs(out_dir, exist_ok=True)
@@ -145,8 +149,6 @@ def write_samples(out_dir: str, samples: torch.Tensor, labels, kind: str, title:
     arrays = {"samples": samples.numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy()
-    import numpy as np
-
     np.savez(written[0], **arrays)
     png = os.path.join(out_dir, "samples.png")
     try:
@@ -154,7 +156,8 @@ def write_samples(out_dir: str, samples: torch.Tensor, labels, kind: str, title:
             panels = {"data": reference, "samples": samples} if reference is not None else {"samples": samples}
             plots.scatter(png, panels, title)
         elif kind == "image":
-            plots.image_grid(png, samples[:64], title=title)
+            images = samples[:64] if picture is None else picture
+            plots.image_grid(png, images, nrow=len(images) // rows if rows else None, title=title)
         else:
             return written
     except ImportError as e:
@@ -271,7 +274,7 @@ def cmd_demo(args) -> int:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     digits = args.data == "digits"
-    steps = args.steps or ((3000 if cuda else 1200) if not digits else (3000 if cuda else 800))
+    steps = args.steps or ((3000 if cuda else 1200) if not digits else (3000 if cuda else 1500))
     cfg = TrainConfig(data=args.data, model="SiT-S/2" if digits else "vector", hidden_size=128, depth=4, heads=4,
                       patch_size=2 if digits else None, lr=1e-3, batch_size=256 if digits else 512, steps=steps,
                       ema_decay=0.995, seed=args.seed, out=args.out, ckpt_every=steps, log_every=50,
@@ -307,8 +310,10 @@ def cmd_demo(args) -> int:
         train_idx, test_idx = perm[:1500], perm[1500:]
         judge = data_lib.DigitClassifier(x[train_idx], y[train_idx])
         quality, floor = judge.accuracy(samples, labels), judge.accuracy(x[test_idx], y[test_idx])
+        per_row = samples.view(10, per_class, 1, 8, 8)[:, :8].reshape(-1, 1, 8, 8)  # a row per class
         written = write_samples(args.out, samples, labels, "image",
-                                f"digits 0-9, cfg {args.cfg_scale:g}: accuracy {quality:.2f}")
+                                f"digits 0-9, a row each, cfg {args.cfg_scale:g}: class accuracy {quality:.2f}",
+                                picture=per_row, rows=10)
         print(f"quality: a classifier trained on real digits recognises the requested class in {quality:.1%} "
               f"of the samples (held-out real digits: {floor:.1%})")
         result = {"class_accuracy": quality, "real_accuracy": floor}

@@ -181,3 +181,12 @@ def test_folder_data_with_labels(tmp_path):
     assert run_cli("train", "--data", folder, "--model", "SiT-S/2", "--steps", 2, "--out", run, *TINY) == 0
     ckpt = training.load_checkpoint(str(run / "latest.pt"))
     assert ckpt["data"]["shape"] == [2, 4, 4] and ckpt["data"]["num_classes"] == 3
+
+
+def test_demo_digits_smoke(tmp_path):
+    """The class-conditional demo's code path (its quality needs ~1500 steps; see the README)."""
+    pytest.importorskip("sklearn")
+    assert run_cli("demo", "--data", "digits", "--steps", 2, "--out", tmp_path, "--device", "cpu", "--quiet") == 0
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert 0 <= result["class_accuracy"] <= 1 and result["real_accuracy"] > 0.9
+    assert np.load(tmp_path / "samples.npz")["samples"].shape == (200, 1, 8, 8)

@@ -19,6 +19,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def scatter(path: str, panels: dict[str, Tensor], title: str = "") -> None:
     """Side-by-side scatter plots of 2-D point sets, on shared axes."""
     plt = _pyplot()
@@ -34,9 +40,7 @@ def scatter(path: str, panels: dict[str, Tensor], title: str = "") -> None:
         ax.set_aspect("equal")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def image_grid(path: str, images: Tensor, nrow: int | None = None, title: str = "") -> None:
@@ -62,9 +66,7 @@ def image_grid(path: str, images: Tensor, nrow: int | None = None, title: str = 
     plt.axis("off")
     if title:
         plt.title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def speedup_bars(path: str, labels: list[str], ratios: dict[str, list[float]], title: str = "") -> None:
@@ -82,6 +84,4 @@ def speedup_bars(path: str, labels: list[str], ratios: dict[str, list[float]], t
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)

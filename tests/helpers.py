@@ -53,3 +53,16 @@ def expect_error(fn, *fragments):
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def assert_bitwise_reproducible(fn):
+    """fn() returns the same bits twice over, with 1 and with 2+ CPU threads."""
+    first = fn()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            for _ in range(2):
+                assert all(torch.equal(a, b) for a, b in zip(first, fn()))
+    finally:
+        torch.set_num_threads(threads)

@@ -6,7 +6,7 @@ input."""
 import pytest
 import torch
 from conftest import ATOL, DTYPES
-from helpers import assert_close_to_ref, expect_error, leaves
+from helpers import assert_bitwise_reproducible, assert_close_to_ref, expect_error, leaves
 
 from sit_ext import ops
 from sit_ext import reference as ref
@@ -158,15 +158,7 @@ def test_backward_is_deterministic(device):
         return torch.ops.sit_ext.gated_residual_ln_modulate_backward(
             dxo, dy, x_out, h, gate, scale, mean, rstd, [True] * 5)
 
-    first = grads()
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            for _ in range(2):
-                assert all(torch.equal(a, b) for a, b in zip(first, grads()))
-    finally:
-        torch.set_num_threads(threads)
+    assert_bitwise_reproducible(grads)
 
 
 def test_bad_input(device):

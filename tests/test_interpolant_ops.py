@@ -5,7 +5,7 @@ torch.compile, determinism and bad input."""
 import pytest
 import torch
 from conftest import ATOL, DTYPES
-from helpers import assert_close_to_ref, expect_error, leaves, rand_time, randn
+from helpers import assert_bitwise_reproducible, assert_close_to_ref, expect_error, leaves, rand_time, randn
 
 import sit_ext
 from sit_ext import ops
@@ -249,16 +249,7 @@ def test_backward_is_deterministic(device):
         dt_interp, = torch.autograd.grad([xt, ut], [t], [pred, noise])
         return per_sample.detach(), dt_loss, dt_interp, sit_ext.sit_loss(pred, x)
 
-    first = grads()
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            for _ in range(2):
-                again = grads()
-                assert all(torch.equal(a, b) for a, b in zip(first, again))
-    finally:
-        torch.set_num_threads(threads)
+    assert_bitwise_reproducible(grads)
 
 
 # ------------------------------------------------------------------ bad input

@@ -36,9 +36,11 @@ from .transport import Transport, create_transport  # noqa: E402
 
 
 def _check_cpu() -> None:
-    if build_info()["cpu_capability"] == "AVX2" and torch.backends.cpu.get_cpu_capability() not in (
-        "AVX2", "AVX512",
-    ):
+    import json
+
+    # The raw build record: build_info() would also query CUDA, which import should not.
+    built_for = json.loads(torch.ops.sit_ext.build_info())["cpu_capability"]
+    if built_for == "AVX2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         raise ImportError(
             "sit_ext was built with AVX2 but this CPU lacks it; rebuild with SIT_EXT_CPU_CAPABILITY=DEFAULT"
         )

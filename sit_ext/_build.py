@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
+_ARCH = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+
 
 def _arch_runs(arch: str, capability: tuple[int, int]) -> bool:
-    """Whether code built for `arch` ("8.0", "9.0+PTX") runs on `capability`:
-    SASS runs on the same major with an equal or higher minor; PTX on anything
-    at least as new."""
-    ptx = arch.endswith("+PTX")
-    major, minor = (int(v) for v in arch.removesuffix("+PTX").split("."))
-    if ptx and capability >= (major, minor):
+    """Whether code built for `arch` runs on `capability`. "8.0": SASS, runs on
+    the same major with an equal or higher minor; "9.0a": arch-specific, runs on
+    that exact capability only; "10.0f": family-specific, the same major with an
+    equal or higher minor; a "+PTX" suffix adds PTX, which the driver compiles
+    for anything at least as new (for "a" targets, that exact capability only).
+    An entry of another form runs nowhere that this function can vouch for."""
+    m = _ARCH.match(arch.strip())
+    if m is None:
+        return False
+    major, minor, variant, ptx = int(m.group(1)), int(m.group(2)), m.group(3), bool(m.group(4))
+    if variant == "a":
+        return capability == (major, minor)
+    if ptx and variant == "" and capability >= (major, minor):
         return True
     return capability[0] == major and capability[1] >= minor
 

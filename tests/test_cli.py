@@ -4,6 +4,7 @@ input (a message and a non-zero exit, never a traceback)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sit_ext import cli, training
+from sit_ext import _build, cli, training
 
 TINY = ["--hidden-size", "32", "--depth", "2", "--heads", "2", "--batch-size", "64", "--lr", "1e-3",
         "--device", "cpu", "--quiet"]
@@ -36,6 +37,17 @@ def test_info(capsys):
     assert run_cli("info") == 0
     out = capsys.readouterr().out
     assert "backends:" in out and "cuda usable now:" in out and "device:" in out
+
+
+@pytest.mark.parametrize("arch, capability, runs", [
+    ("8.0", (8, 6), True), ("8.0", (9, 0), False), ("8.6", (8, 0), False),
+    ("9.0+PTX", (10, 0), True), ("9.0+PTX", (8, 9), False),
+    # Machines preset TORCH_CUDA_ARCH_LIST=9.0a: `sit-ext info` once died parsing "0a".
+    ("9.0a", (9, 0), True), ("9.0a", (10, 0), False), ("9.0a+PTX", (10, 0), False),
+    ("10.0f", (10, 3), True), ("10.0f", (12, 0), False), ("sm_90", (9, 0), False),
+])
+def test_arch_runs(arch, capability, runs):
+    assert _build._arch_runs(arch, capability) is runs
 
 
 def test_train_then_sample_points(tmp_path):
@@ -190,3 +202,14 @@ def test_demo_digits_smoke(tmp_path):
     result = json.loads((tmp_path / "demo.json").read_text())
     assert 0 <= result["class_accuracy"] <= 1 and result["real_accuracy"] > 0.9
     assert np.load(tmp_path / "samples.npz")["samples"].shape == (200, 1, 8, 8)
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm")
+def test_extension_uses_the_shared_cxx_runtime():
+    """A static libstdc++ inside sit_ext._C (a compiler wrapper adding
+    -static-libstdc++) made every error message a segfault on an H200 image;
+    setup.py links the shared one and refuses a build that holds a copy."""
+    from sit_ext import _C
+
+    out = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True, check=True)
+    assert "__cxa_throw" not in out.stdout.split()

@@ -7,6 +7,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"   CUDA archs (that is the default)
   SIT_EXT_CPU_CAPABILITY=DEFAULT|AVX2  CPU SIMD level (default: AVX2 where the
                                building machine has AVX2, FMA and F16C)
+  SIT_EXT_NVCC_FLAGS="..."     extra nvcc flags (e.g. "-Xptxas -v" for the
+                               register/spill report of bench/ptxas_report.py)
   MAX_JOBS=N                   parallel compile jobs
   CUDA_HOME                    toolkit root, if nvcc is not on the PATH
 """
@@ -105,7 +107,7 @@ def extension():
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     print(f"sit_ext: building CPU and CUDA kernels (CUDA_HOME={_cuda_home}, archs {archs})")
     cxx += [f'-DSIT_EXT_CUDA_ARCHS="{archs}"']
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *shlex.split(os.environ.get("SIT_EXT_NVCC_FLAGS", ""))]
     # -isystem: searched after the toolkit's own headers, which keep precedence.
     for inc in wheel_cuda_include_dirs(_cuda_home):
         cxx += ["-isystem", inc]

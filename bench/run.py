@@ -3,9 +3,14 @@
     python bench/run.py                      # every op, on CUDA if present, else CPU
     python bench/run.py --op velocity_mse --device cpu --batch 16
     python bench/run.py --quick              # one size, one batch
-    python bench/run.py --models             # SiT train step and sampling forward
+    python bench/run.py --budget 150         # stop starting cases after 150 s
+    python bench/run.py --models --batch 32 256 --profile   # SiT train step and sampling forward
 
-Prints a table of medians, ratios and GB/s, and writes JSON under bench/results/.
+On CUDA each op is timed from CUDA graph replays (GPU time without launch
+overhead); the default sweep is SiT-B and SiT-XL, T = 256, batch 32 and 256,
+dtypes bfloat16, autocast (float32 x with bfloat16 h and vectors) and float32.
+Prints a table of medians, ratios and GB/s, and writes JSON under bench/results/
+after every row.
 """
 
 import argparse
@@ -31,23 +36,30 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", nargs="+", default=["all"], choices=["all", *benchmark.OP_FAMILIES])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", nargs="+", type=int)
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16", benchmark.AUTOCAST],
+                        help="ops: default bfloat16 autocast float32 on CUDA, float32 on CPU; "
+                             "--models: the first one (default bfloat16 autocast on CUDA)")
+    parser.add_argument("--batch", nargs="+", type=int, help="default 32 256 on CUDA (--models: 32)")
     parser.add_argument("--quick", action="store_true", help="SiT-XL size and one batch only")
     parser.add_argument("--models", action="store_true",
                         help="benchmark SiT models (train step, sampling forward) instead of ops")
     parser.add_argument("--model", nargs="+", help="presets for --models (default SiT-XL/2 on CUDA, SiT-S/2 on CPU)")
-    parser.add_argument("--no-compile", action="store_true", help="--models without the torch.compile variants")
+    parser.add_argument("--no-compile", action="store_true", help="without the torch.compile variants")
+    parser.add_argument("--profile", action="store_true",
+                        help="--models: top-15 kernels of the fused and unfused eager train steps (torch.profiler)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="start no case after this many seconds of benchmarking; write what ran, exit 0")
     parser.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-ops.json or -models.json)")
     args = parser.parse_args(argv)
     benchmark.reexec_with_stable_allocator()
     if args.models:
         out = args.out or default_out(args.device).replace("-ops.json", "-models.json")
-        benchmark.run_models(args.device, args.model, args.batch[0] if args.batch else None,
-                             args.dtype[0] if args.dtype else None, not args.no_compile, out)
+        benchmark.run_models(args.device, args.model, args.batch, args.dtype[0] if args.dtype else None,
+                             not args.no_compile, out, budget=args.budget, profile=args.profile)
         return
     ops = list(benchmark.OP_FAMILIES) if "all" in args.op else args.op
-    benchmark.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device))
+    benchmark.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device),
+                  budget=args.budget, compile_=not args.no_compile)
 
 
 if __name__ == "__main__":

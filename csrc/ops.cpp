@@ -40,28 +40,35 @@ TORCH_LIBRARY(sit_ext, m) {
   m.def(
       "interpolant_backward(Tensor? grad_xt, Tensor? grad_ut, Tensor x, Tensor noise, "
       "Tensor t, int schedule, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // Per-sample mean over the non-batch dims of (pred - u_t)^2, in fp32 (fp64 for
-  // fp64 inputs), with u_t computed in the kernel and never written.
+  // Per-sample mean over the non-batch dims of (pred - u_t)^2, in fp32 (fp64 when
+  // pred or x is fp64), with u_t computed in the kernel and never written. pred
+  // may have any float dtype; x and noise share one.
   m.def("velocity_mse(Tensor pred, Tensor x, Tensor noise, Tensor t, int schedule) -> Tensor");
   m.def(
       "velocity_mse_backward(Tensor grad, Tensor pred, Tensor x, Tensor noise, Tensor t, "
       "int schedule, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Mean of (pred - target)^2 over all elements, as a 0-d fp32 (fp64) tensor.
+  // Mean of (pred - target)^2 over all elements, as a 0-d fp32 (fp64) tensor;
+  // pred and target in any float dtypes.
   m.def("mse(Tensor pred, Tensor target) -> Tensor");
   m.def("mse_backward(Tensor grad, Tensor pred, Tensor target, bool[2] output_mask) -> (Tensor, Tensor)");
 
   // ---- AdaLN-Zero family. x, h: [B, T, D] or [B, D]; shift, scale, gate: [B, D],
   // inner stride 1, any outer stride (the views chunk(6, dim=1) makes). LayerNorm
   // has no affine; mean and rstd ([B, T] or [B], fp32) are saved for backward.
+  // dtypes: h, gate, shift, scale share one, which is x's or (with float32 x)
+  // bfloat16/float16; y is written in out_dtype (default x's), x's or theirs.
+  // Gradients come back in each input's dtype.
   // y = LN(x) (1 + scale) + shift.
-  m.def("ln_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ln_modulate(Tensor x, Tensor shift, Tensor scale, float eps, ScalarType? out_dtype=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "ln_modulate_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor mean, Tensor rstd, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // x_out = x + gate h, y = LN(x_out) (1 + scale) + shift.
   m.def(
       "gated_residual_ln_modulate(Tensor x, Tensor h, Tensor gate, Tensor shift, Tensor scale, "
-      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float eps, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gated_residual_ln_modulate_backward(Tensor? grad_x_out, Tensor grad_y, Tensor x_out, "
       "Tensor h, Tensor gate, Tensor scale, Tensor mean, Tensor rstd, bool[5] output_mask) "

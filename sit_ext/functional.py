@@ -47,5 +47,6 @@ def sample_interpolant_time(batch_size: int, *, generator: torch.Generator | Non
 
 
 def sit_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean of (pred - target)^2 over all elements (float32; float64 for float64)."""
+    """Mean of (pred - target)^2 over all elements, each read in its own dtype
+    (float32 result; float64 when either is float64)."""
     return ops.mse(pred, target)

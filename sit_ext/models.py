@@ -11,16 +11,29 @@ PyTorch).
 Time is embedded as given: the image model, like the official code, embeds t
 unscaled; the vector model embeds t * num_steps.
 
-Memory passes per block over [B, T, D] activations (each read or write of one
-such tensor counts once; attention and MLP internals excluded):
+Bytes moved per element of the [B, T, D] activations, per block (two
+sub-blocks; attention and MLP internals excluded; the [B, D] modulation vectors
+are negligible). Under bf16 autocast the residual stream x is float32 (4 bytes)
+and the Linear outputs h are bfloat16 (2 bytes):
 
-- unfused (the official code): forward 22 (per sub-block: LayerNorm 2, the
-  modulate multiply and add 4, the gate multiply and residual add 5); backward
-  about 38.
-- fused: forward 8 (per sub-block, one ``gated_residual_ln_modulate``: read x
-  and h, write x_out and y); backward 12 (read dy, d x_out, x_out and h; write
-  dx and dh). Each block's MLP residual is fused with the next block's
-  attention modulation, and the last one with the final layer's.
+| per block, bytes/element | forward | backward |
+|---|---|---|
+| unfused, bf16 autocast (the official code) | 88 | about 148 |
+| fused, bf16 autocast | 24 | 36 |
+| unfused, float32 | 88 | about 164 |
+| fused, float32 | 32 | 48 |
+
+Unfused forward, per sub-block: LayerNorm reads x and writes its float32
+output (8), the modulate multiply and add read and write it twice (16), autocast
+casts it to bfloat16 for the Linear (6), gate * h (4, bfloat16), and the
+residual add reads x and the product and writes x (10). Fused, per sub-block,
+one ``gated_residual_ln_modulate``: read x (4) and h (2), write x_out (4) and y
+(2, bfloat16: what the next Linear reads). Each block's MLP residual is fused
+with the next block's attention modulation, and the last one with the final
+layer's. Backward, fused: read dy, d x_out, x_out and h, write dx and dh (18 per
+sub-block under autocast); unfused, autograd runs each elementwise op's
+backward and adds the residual gradients (about 74). ``python bench/run.py``
+counts the bytes of each fused op against these per-op numbers.
 """
 
 from __future__ import annotations
@@ -158,10 +171,11 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _like(v: Tensor, x: Tensor) -> Tensor:
-    """v in x's dtype. Under autocast the residual stream stays float32 while
-    Linear outputs are bfloat16; the fused ops take one dtype."""
-    return v if v.dtype == x.dtype else v.to(x.dtype)
+def _linear_input_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the next Linear computes in: autocast's when it is on (the
+    fused ops then write y in it, sparing autocast a cast pass), else None (x's)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 class SiTBlock(nn.Module):
@@ -183,10 +197,10 @@ class SiTBlock(nn.Module):
         if not fused:
             x = ref.gated_residual(x, self.attn(ref.ln_modulate(x, shift_msa, scale_msa)), gate_msa)
             return ref.gated_residual(x, self.mlp(ref.ln_modulate(x, shift_mlp, scale_mlp)), gate_mlp)
-        y = ops.ln_modulate(x, _like(shift_msa, x), _like(scale_msa, x))
-        x, y = ops.gated_residual_ln_modulate(x, _like(self.attn(y), x), _like(gate_msa, x),
-                                              _like(shift_mlp, x), _like(scale_mlp, x))
-        return ops.gated_residual(x, _like(self.mlp(y), x), _like(gate_mlp, x))
+        y_dtype = _linear_input_dtype(x)
+        y = ops.ln_modulate(x, shift_msa, scale_msa, out_dtype=y_dtype)
+        x, y = ops.gated_residual_ln_modulate(x, self.attn(y), gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype)
+        return ops.gated_residual(x, self.mlp(y), gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -350,14 +364,13 @@ class SiT(nn.Module):
                 x = block(x, c, fused=False)
             return self.final_layer(x, c)
         mods = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
-        y = ops.ln_modulate(x, _like(mods[0][0], x), _like(mods[0][1], x))
+        y_dtype = _linear_input_dtype(x)
+        y = ops.ln_modulate(x, *mods[0][:2], out_dtype=y_dtype)
         for i, block in enumerate(self.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
             next_shift, next_scale = mods[i + 1][:2]
-            x, y = ops.gated_residual_ln_modulate(x, _like(block.attn(y), x), _like(gate_msa, x),
-                                                  _like(shift_mlp, x), _like(scale_mlp, x))
-            x, y = ops.gated_residual_ln_modulate(x, _like(block.mlp(y), x), _like(gate_mlp, x),
-                                                  _like(next_shift, x), _like(next_scale, x))
+            x, y = ops.gated_residual_ln_modulate(x, block.attn(y), gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype)
+            x, y = ops.gated_residual_ln_modulate(x, block.mlp(y), gate_mlp, next_shift, next_scale, out_dtype=y_dtype)
         return self.final_layer.linear(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:

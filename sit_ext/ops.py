@@ -29,10 +29,13 @@ def schedule_id(schedule: str) -> int:
     return SCHEDULES[schedule]
 
 
-def _time_input(x: Tensor, t: Tensor | None, schedule: str,
-                coefficients: Coefficients | None) -> tuple[Tensor, int]:
+def _time_input(x: Tensor, t: Tensor | None, schedule: str, coefficients: Coefficients | None,
+                used: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> tuple[Tensor, int]:
     """(t, schedule id) for the kernels: t [B] with a built-in schedule, or the
-    [B, 4] table stacked from the per-sample coefficient vectors."""
+    [B, 4] table stacked from the per-sample coefficient vectors. `used` says
+    which of (alpha, beta, alpha', beta') the outputs depend on; the others are
+    detached, so that no zero gradient meets an infinite derivative (beta =
+    sqrt(t) at t = 0, say) on its way back and turns into NaN."""
     if coefficients is None:
         if not isinstance(t, Tensor):
             raise ValueError("t must be a tensor of shape [B] (or pass coefficients=...)")
@@ -46,7 +49,7 @@ def _time_input(x: Tensor, t: Tensor | None, schedule: str,
         if not isinstance(c, Tensor) or c.dim() != 1 or c.shape[0] != batch:
             shape = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
             raise ValueError(f"coefficient {name} must have shape [{batch}], got {shape}")
-    return torch.stack(tuple(coefficients), dim=1), _COEFFICIENTS
+    return torch.stack(tuple(c if u else c.detach() for c, u in zip(coefficients, used)), dim=1), _COEFFICIENTS
 
 
 def _check_weight(weight: Tensor | None, per_sample: Tensor) -> None:
@@ -89,7 +92,7 @@ def interpolant(x: Tensor, noise: Tensor, t: Tensor | None = None, schedule: str
     d_alpha, d_beta), each [B], for any other schedule (these receive gradients).
     `outputs` picks which of x_t, u_t to compute; the other comes back empty.
     """
-    tt, sid = _time_input(x, t, schedule, coefficients)
+    tt, sid = _time_input(x, t, schedule, coefficients, (outputs[0], outputs[0], outputs[1], outputs[1]))
     return _ops.interpolant.default(x, noise, tt, sid, list(outputs))
 
 
@@ -138,11 +141,14 @@ def velocity_mse(pred: Tensor, x: Tensor, noise: Tensor, t: Tensor | None = None
     """MSE between pred and the target velocity u_t, fused: u_t is computed in
     the kernel and never written to memory.
 
-    The per-sample loss is the mean over the non-batch dims of (pred - u_t)^2,
-    times `weight` [B] if given; `reduction` "mean" averages it over the batch,
-    "none" returns it. The result is float32 (float64 for float64 inputs).
+    pred may have any float dtype (a model under autocast predicts in bfloat16
+    while x and noise stay float32): it is read as it is, with no cast pass. The
+    per-sample loss is the mean over the non-batch dims of (pred - u_t)^2, times
+    `weight` [B] if given; `reduction` "mean" averages it over the batch, "none"
+    returns it. The result is float32 (float64 when pred or x is float64).
+    Gradients come back in each input's dtype.
     """
-    tt, sid = _time_input(x, t, schedule, coefficients)
+    tt, sid = _time_input(x, t, schedule, coefficients, (False, False, True, True))
     per_sample = _ops.velocity_mse.default(pred, x, noise, tt, sid)
     _check_weight(weight, per_sample)
     if weight is not None:
@@ -150,14 +156,14 @@ def velocity_mse(pred: Tensor, x: Tensor, noise: Tensor, t: Tensor | None = None
     return _reduce(per_sample, reduction)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 @torch.library.register_fake("sit_ext::velocity_mse")
 def _(pred, x, noise, t, schedule):
     _check_devices("velocity_mse", x=x, pred=pred, noise=noise, t=t)
-    return x.new_empty(x.shape[:1], dtype=_acc_dtype(x.dtype))
+    return x.new_empty(x.shape[:1], dtype=_acc_dtype(x.dtype, pred.dtype))
 
 
 def _velocity_mse_setup(ctx, inputs, output):
@@ -180,7 +186,7 @@ torch.library.register_autograd("sit_ext::velocity_mse", _velocity_mse_backward,
 @torch.library.register_fake("sit_ext::velocity_mse_backward")
 def _(grad, pred, x, noise, t, schedule, output_mask):
     _check_devices("velocity_mse_backward", x=x, pred=pred, noise=noise, t=t, grad=grad)
-    tensors = [x.new_empty(x.shape if need else (0,)) for need in output_mask[:3]]
+    tensors = [like.new_empty(x.shape if need else (0,)) for like, need in zip((pred, x, x), output_mask[:3])]
     return *tensors, t.new_empty(t.shape if output_mask[3] else (0,))
 
 
@@ -189,14 +195,15 @@ def _(grad, pred, x, noise, t, schedule, output_mask):
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:
     """Mean of (pred - target)^2 over all elements, fused forward and backward.
-    Returns a 0-d float32 tensor (float64 for float64 inputs)."""
+    pred and target may differ in dtype (each is read as it is). Returns a 0-d
+    float32 tensor (float64 when either is float64)."""
     return _ops.mse.default(pred, target)
 
 
 @torch.library.register_fake("sit_ext::mse")
 def _(pred, target):
     _check_devices("mse", pred=pred, target=target)
-    return pred.new_empty((), dtype=_acc_dtype(pred.dtype))
+    return pred.new_empty((), dtype=_acc_dtype(pred.dtype, target.dtype))
 
 
 def _mse_setup(ctx, inputs, output):
@@ -215,25 +222,33 @@ torch.library.register_autograd("sit_ext::mse", _mse_backward, setup_context=_ms
 @torch.library.register_fake("sit_ext::mse_backward")
 def _(grad, pred, target, output_mask):
     _check_devices("mse_backward", pred=pred, target=target, grad=grad)
-    return tuple(pred.new_empty(pred.shape if need else (0,)) for need in output_mask)
+    return tuple(like.new_empty(pred.shape if need else (0,)) for like, need in zip((pred, target), output_mask))
 
 
 # ------------------------------------------------------------- AdaLN-Zero
 #
 # x, h: [B, T, D] or [B, D]; shift, scale, gate: [B, D] with inner stride 1,
 # used in place (the strided views that chunk(6, dim=1) makes are fine).
+#
+# dtypes: h, gate, shift and scale share one, which is x's, or bfloat16/float16
+# with float32 x: under autocast the residual stream x stays float32 while the
+# Linear outputs (attention, MLP, modulation) are bfloat16, and the ops read
+# each as it is. x_out keeps x's dtype; y is written in `out_dtype` (x's by
+# default, or theirs: what the next Linear reads under autocast). Gradients come
+# back in each input's dtype.
 
 
-def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
+                out_dtype: torch.dtype | None = None) -> Tensor:
     """y = LayerNorm(x) (1 + scale) + shift, LayerNorm without affine."""
-    return _ops.ln_modulate.default(x, shift, scale, eps)[0]
+    return _ops.ln_modulate.default(x, shift, scale, eps, out_dtype)[0]
 
 
 def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                               eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                               eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(x_out, y) with x_out = x + gate h and y = LayerNorm(x_out) (1 + scale) + shift:
     the end of one sub-block and the start of the next, in one pass."""
-    x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(x, h, gate, shift, scale, eps)
+    x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(x, h, gate, shift, scale, eps, out_dtype)
     return x_out, y
 
 
@@ -246,18 +261,19 @@ def _stats_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
 
 
-def _per_sample_like(x: Tensor, needed: bool) -> Tensor:
-    return x.new_empty((x.shape[0], x.shape[-1]) if needed else (0,))
+def _per_sample_like(x: Tensor, like: Tensor, needed: bool) -> Tensor:
+    """A [B, D] gradient in the dtype of `like` (a modulation vector)."""
+    return like.new_empty((x.shape[0], x.shape[-1]) if needed else (0,))
 
 
 @torch.library.register_fake("sit_ext::ln_modulate")
-def _(x, shift, scale, eps):
+def _(x, shift, scale, eps, out_dtype=None):
     _check_devices("ln_modulate", x=x, shift=shift, scale=scale)
-    return x.new_empty(x.shape), _stats_like(x), _stats_like(x)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), _stats_like(x), _stats_like(x)
 
 
 def _ln_modulate_setup(ctx, inputs, output):
-    x, shift, scale, _ = inputs
+    x, shift, scale, _, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, scale, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
@@ -267,7 +283,7 @@ def _ln_modulate_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, scale, mean, rstd = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
     grads = _ops.ln_modulate_backward.default(grad_y, x, scale, mean, rstd, mask)
-    return *_grads(mask, grads), None
+    return *_grads(mask, grads), None, None
 
 
 torch.library.register_autograd("sit_ext::ln_modulate", _ln_modulate_backward,
@@ -278,17 +294,17 @@ torch.library.register_autograd("sit_ext::ln_modulate", _ln_modulate_backward,
 def _(grad_y, x, scale, mean, rstd, output_mask):
     _check_devices("ln_modulate_backward", x=x, grad_y=grad_y, scale=scale, mean=mean, rstd=rstd)
     return (x.new_empty(x.shape if output_mask[0] else (0,)),
-            _per_sample_like(x, output_mask[1]), _per_sample_like(x, output_mask[2]))
+            _per_sample_like(x, scale, output_mask[1]), _per_sample_like(x, scale, output_mask[2]))
 
 
 @torch.library.register_fake("sit_ext::gated_residual_ln_modulate")
-def _(x, h, gate, shift, scale, eps):
+def _(x, h, gate, shift, scale, eps, out_dtype=None):
     _check_devices("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale)
-    return x.new_empty(x.shape), x.new_empty(x.shape), _stats_like(x), _stats_like(x)
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype or x.dtype), _stats_like(x), _stats_like(x)
 
 
 def _grlm_setup(ctx, inputs, output):
-    _, h, gate, _, scale, _ = inputs
+    _, h, gate, _, scale, _, _ = inputs
     x_out, _, mean, rstd = output
     ctx.save_for_backward(x_out, h, gate, scale, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
@@ -301,14 +317,14 @@ def _grlm_backward(ctx, grad_x_out, grad_y, _grad_mean, _grad_rstd):
     if grad_y is None:
         # Only the residual stream was used: the LayerNorm branch passes nothing.
         if grad_x_out is None:
-            return (None,) * 6
+            return (None,) * 7
         dh, dgate = _ops.gated_residual_backward.default(grad_x_out, h, gate, [need_h, need_gate])
         return (grad_x_out if need_x else None, dh if need_h else None, dgate if need_gate else None,
-                None, None, None)
+                None, None, None, None)
     mask = [need_x, need_h, need_gate, need_shift, need_scale]
     grads = _ops.gated_residual_ln_modulate_backward.default(
         grad_x_out, grad_y, x_out, h, gate, scale, mean, rstd, mask)
-    return *_grads(mask, grads), None
+    return *_grads(mask, grads), None, None
 
 
 torch.library.register_autograd("sit_ext::gated_residual_ln_modulate", _grlm_backward,
@@ -320,8 +336,8 @@ def _(grad_x_out, grad_y, x_out, h, gate, scale, mean, rstd, output_mask):
     _check_devices("gated_residual_ln_modulate_backward", x_out=x_out, grad_y=grad_y, h=h, gate=gate,
                    scale=scale, mean=mean, rstd=rstd, grad_x_out=grad_x_out)
     return (x_out.new_empty(x_out.shape if output_mask[0] else (0,)),
-            x_out.new_empty(x_out.shape if output_mask[1] else (0,)),
-            *(_per_sample_like(x_out, m) for m in output_mask[2:]))
+            h.new_empty(x_out.shape if output_mask[1] else (0,)),
+            *(_per_sample_like(x_out, scale, m) for m in output_mask[2:]))
 
 
 @torch.library.register_fake("sit_ext::gated_residual")
@@ -349,4 +365,27 @@ torch.library.register_autograd("sit_ext::gated_residual", _gated_residual_backw
 @torch.library.register_fake("sit_ext::gated_residual_backward")
 def _(grad, h, gate, output_mask):
     _check_devices("gated_residual_backward", grad=grad, h=h, gate=gate)
-    return grad.new_empty(grad.shape if output_mask[0] else (0,)), _per_sample_like(grad, output_mask[1])
+    return h.new_empty(grad.shape if output_mask[0] else (0,)), _per_sample_like(grad, gate, output_mask[1])
+
+
+# ------------------------------------------------------ second-order gradients
+#
+# The backward ops have no derivative of their own: a double backward through
+# one (create_graph=True, then differentiating the gradient: gradient
+# penalties, Hessian-vector products) raises instead of silently dropping
+# their part of the second derivative.
+
+
+def _refuse_double_backward(name: str) -> None:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"sit_ext.{name.removesuffix('_backward')}: second-order gradients through the fused op are not "
+            "supported (a double backward reached sit_ext::" + name + "); build the model with fused=False, "
+            "or use the functions of sit_ext.reference, for gradient penalties and Hessian-vector products")
+
+    torch.library.register_autograd(f"sit_ext::{name}", backward, setup_context=lambda ctx, inputs, output: None)
+
+
+for _name in ("interpolant_backward", "velocity_mse_backward", "mse_backward", "ln_modulate_backward",
+              "gated_residual_ln_modulate_backward", "gated_residual_backward"):
+    _refuse_double_backward(_name)

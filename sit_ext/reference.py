@@ -69,9 +69,14 @@ def _tokens(v: Tensor, x: Tensor) -> Tensor:
     return v.unsqueeze(1) if x.dim() == 3 else v
 
 
-def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+    """As the official code, with PyTorch's type promotion for mixed dtypes
+    (float32 x with bfloat16 modulation gives float32); `out_dtype` casts the
+    result, as autocast does before the next Linear."""
     normed = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
-    return normed * (1 + _tokens(scale, x)) + _tokens(shift, x)
+    y = normed * (1 + _tokens(scale, x)) + _tokens(shift, x)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def gated_residual(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
@@ -79,6 +84,6 @@ def gated_residual(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
 
 
 def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                               eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                               eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     x_out = gated_residual(x, h, gate)
-    return x_out, ln_modulate(x_out, shift, scale, eps)
+    return x_out, ln_modulate(x_out, shift, scale, eps, out_dtype)

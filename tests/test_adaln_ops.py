@@ -5,14 +5,17 @@ input."""
 
 import pytest
 import torch
-from conftest import ATOL, DTYPES
+from conftest import ATOL, DTYPES, LOW_PRECISION
 from helpers import assert_bitwise_reproducible, assert_close_to_ref, expect_error, leaves
 
 from sit_ext import ops
 from sit_ext import reference as ref
+from sit_ext.models import _linear_input_dtype
 
-# [B, T, D] and [B, D] shapes; D = 384, 768, 1024, 1152 are first-class, 1 and 7 are odd.
-SHAPES = [(2, 5, 1), (3, 4, 7), (2, 16, 384), (2, 8, 768), (5, 1024), (2, 8, 1152), (4, 256, 1152)]
+# [B, T, D] and [B, D] shapes; D = 384, 768, 1024, 1152 are first-class, 1 and 7 are odd. On CUDA,
+# 2050 (odd) and 5000 take the streamed backward, 9000 and 16384 the streamed forward as well.
+SHAPES = [(2, 5, 1), (3, 4, 7), (2, 16, 384), (2, 8, 768), (5, 1024), (2, 8, 1152), (4, 256, 1152),
+          (2, 3, 2050), (2, 3, 5000), (2, 2, 9000), (1, 2, 16384)]
 OPS = ["ln_modulate", "gated_residual_ln_modulate", "gated_residual"]
 
 
@@ -24,14 +27,15 @@ def modulation(batch, dim, dtype, device, chunked):
     return [torch.randn(batch, dim, dtype=dtype, device=device) for _ in range(3)]
 
 
-def run_op(impl, name, x, h, shift, scale, gate, upstream):
+def run_op(impl, name, x, h, shift, scale, gate, upstream, out_dtype=None):
     """Forward, then the gradients of every input, for one op."""
     if name == "ln_modulate":
-        outputs, inputs = [impl.ln_modulate(x, shift, scale)], [x, shift, scale]
+        outputs, inputs = [impl.ln_modulate(x, shift, scale, out_dtype=out_dtype)], [x, shift, scale]
     elif name == "gated_residual":
         outputs, inputs = [impl.gated_residual(x, h, gate)], [x, h, gate]
     else:
-        outputs, inputs = list(impl.gated_residual_ln_modulate(x, h, gate, shift, scale)), [x, h, gate, shift, scale]
+        outputs = list(impl.gated_residual_ln_modulate(x, h, gate, shift, scale, out_dtype=out_dtype))
+        inputs = [x, h, gate, shift, scale]
     loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outputs, upstream))
     return outputs + list(torch.autograd.grad(loss, inputs))
 
@@ -53,6 +57,55 @@ def test_matches_reference(device, shape, dtype, name, chunked):
     for i, (f, e, r) in enumerate(zip(fused, eager, exact)):
         assert f.dtype == dtype
         assert_close_to_ref(f, e, r, ATOL[dtype], f"{name} result {i}")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1), (3, 4, 7), (2, 16, 384), (5, 1024), (2, 33, 1152)], ids=str)
+@pytest.mark.parametrize("low", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("y_in", ["x", "low"])
+@pytest.mark.parametrize("name", OPS)
+def test_mixed_dtypes(device, shape, low, y_in, name):
+    """The autocast configuration: float32 x, h and the modulation vectors in
+    bfloat16/float16 (Linear outputs), y in x's dtype or theirs. Each input is
+    read in its own dtype; x_out stays float32; every gradient comes back in
+    its input's dtype, within the bound of eager PyTorch on the same mix."""
+    if name == "gated_residual" and y_in == "low":
+        pytest.skip("gated_residual has no y")
+    out_dtype = torch.float32 if y_in == "x" else low
+    x = torch.randn(shape, device=device)
+    h = torch.randn(shape, dtype=low, device=device)
+    shift, scale, gate = modulation(shape[0], shape[-1], low, device, chunked=True)
+    upstream = [torch.randn(shape, device=device) for _ in range(2)]
+
+    def run(impl, dtype_=None):
+        out = None if dtype_ else out_dtype
+        return run_op(impl, name, *leaves(x, h, shift, scale, gate, dtype=dtype_), upstream, out)
+
+    fused, eager, exact = run(ops), run(ref), run(ref, torch.float64)
+    outputs = {"ln_modulate": [out_dtype], "gated_residual": [torch.float32],
+               "gated_residual_ln_modulate": [torch.float32, out_dtype]}[name]
+    inputs = {"ln_modulate": [torch.float32, low, low], "gated_residual": [torch.float32, low, low],
+              "gated_residual_ln_modulate": [torch.float32, low, low, low, low]}[name]
+    assert [f.dtype for f in fused] == outputs + inputs
+    for i, (f, e, r) in enumerate(zip(fused, eager, exact)):
+        assert_close_to_ref(f, e, r, ATOL[low], f"{name} result {i}")
+
+
+def test_mixed_dtype_rules(device):
+    """h and the modulation vectors share one dtype, x's or (with float32 x)
+    a 16-bit one; y is written in x's or theirs."""
+    x = torch.randn(2, 4, 8, device=device)
+    h = torch.randn(2, 4, 8, device=device, dtype=torch.bfloat16)
+    shift, scale, gate = modulation(2, 8, torch.bfloat16, device, chunked=True)
+    expect_error(lambda: ops.gated_residual_ln_modulate(x, h, gate.float(), shift, scale), "gate", "dtype of h")
+    expect_error(lambda: ops.ln_modulate(x, shift, scale.half()), "scale", "BFloat16")
+    expect_error(lambda: ops.ln_modulate(x.double(), shift, scale), "shift", "float32 x")
+    expect_error(lambda: ops.ln_modulate(x.bfloat16(), shift.float(), scale.float()), "shift", "x's dtype")
+    expect_error(lambda: ops.ln_modulate(x, shift, scale, out_dtype=torch.float16), "out_dtype")
+    expect_error(lambda: ops.gated_residual_ln_modulate(x, h, gate, shift, scale, out_dtype=torch.float64),
+                 "out_dtype")
+    y, mean, rstd = torch.ops.sit_ext.ln_modulate(x, shift, scale, 1e-6, torch.bfloat16)
+    expect_error(lambda: torch.ops.sit_ext.ln_modulate_backward(y.half(), x, scale, mean, rstd, [True] * 3),
+                 "grad_y")
 
 
 def test_strided_x(device):
@@ -119,26 +172,47 @@ def test_opcheck(device):
         (torch.ops.sit_ext.gated_residual.default, (grad_leaf(x), grad_leaf(h), cg)),
         (torch.ops.sit_ext.gated_residual_backward.default, (dy, h, gate, [True, True])),
     ]
+    # autocast dtypes: float32 x, bfloat16 h and modulation, y in bfloat16
+    low = torch.randn(2, 48, device=device, dtype=torch.bfloat16, requires_grad=True)
+    ls, lc, lg = low.chunk(6, dim=1)[:3]
+    hb, dyb = h.bfloat16(), dy.bfloat16()
+    with torch.no_grad():  # saved values, as the backward ops receive them
+        y, mean, rstd = torch.ops.sit_ext.ln_modulate(x, ls, lc, 1e-6, torch.bfloat16)
+        x_out, _, mean2, rstd2 = torch.ops.sit_ext.gated_residual_ln_modulate(x, hb, lg, ls, lc, 1e-6, torch.bfloat16)
+    cases += [
+        (torch.ops.sit_ext.ln_modulate.default, (grad_leaf(x), ls, lc, 1e-6, torch.bfloat16)),
+        (torch.ops.sit_ext.ln_modulate_backward.default, (dyb, x, lc.detach(), mean, rstd, [True] * 3)),
+        (torch.ops.sit_ext.gated_residual_ln_modulate.default, (grad_leaf(x), grad_leaf(hb), lg, ls, lc, 1e-6, None)),
+        (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
+         (dy, dyb, x_out, hb, lg.detach(), lc.detach(), mean2, rstd2, [True] * 5)),
+        (torch.ops.sit_ext.gated_residual.default, (grad_leaf(x), grad_leaf(hb), lg)),
+        (torch.ops.sit_ext.gated_residual_backward.default, (dy, hb, lg.detach(), [True, True])),
+    ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph(device):
-    """A SiT-style residual stack through the fused ops, compiled without graph breaks."""
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_torch_compile_fullgraph(device, autocast):
+    """A SiT-style residual stack through the fused ops, compiled without graph
+    breaks; under autocast, float32 x with bfloat16 Linear outputs, as the model runs."""
     torch._dynamo.reset()
     lin = torch.nn.Linear(32, 32).to(device)
+    mod = torch.nn.Linear(16, 192).to(device)
 
     def stack(x, c):
-        s1, c1, g1, s2, c2, g2 = c.chunk(6, dim=1)
-        y = ops.ln_modulate(x, s1, c1)
-        x, y = ops.gated_residual_ln_modulate(x, lin(y), g1, s2, c2)
+        s1, c1, g1, s2, c2, g2 = mod(c).chunk(6, dim=1)
+        y_dtype = _linear_input_dtype(x)
+        y = ops.ln_modulate(x, s1, c1, out_dtype=y_dtype)
+        x, y = ops.gated_residual_ln_modulate(x, lin(y), g1, s2, c2, out_dtype=y_dtype)
         return ops.gated_residual(x, lin(y), g2).square().mean()
 
-    x, c = torch.randn(3, 10, 32, device=device), torch.randn(3, 192, device=device)
+    x, c = torch.randn(3, 10, 32, device=device), torch.randn(3, 16, device=device)
 
     def loss_and_grads(fn):
         xl, cl = x.clone().requires_grad_(), c.clone().requires_grad_()
-        loss = fn(xl, cl)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(xl, cl)
         loss.backward()
         return loss, xl.grad, cl.grad
 
@@ -179,13 +253,46 @@ def test_bad_input(device):
     expect_error(lambda: ops.gated_residual(x, h, gate.to(other)), "gate", other)
 
 
-def test_empty_batch(device):
-    x = torch.randn(0, 4, 8, device=device, requires_grad=True)
-    h = torch.randn(0, 4, 8, device=device, requires_grad=True)
-    params = torch.randn(0, 48, device=device, requires_grad=True)
+@pytest.mark.parametrize("shape", [(0, 4, 8), (2, 0, 8), (0, 8)], ids=str)
+def test_empty_batch(device, shape):
+    """No rows: empty outputs, and per-sample gradients that are sums over nothing (zeros)."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    h = torch.randn(shape, device=device, requires_grad=True)
+    params = torch.randn(shape[0], 48, device=device, requires_grad=True)
     shift, scale, gate = params.chunk(6, dim=1)[:3]
     x_out, y = ops.gated_residual_ln_modulate(x, h, gate, shift, scale)
     out = ops.gated_residual(x_out, h, gate) + ops.ln_modulate(x, shift, scale) + y
-    assert out.shape == (0, 4, 8)
+    assert out.shape == shape
     out.sum().backward()
     assert x.grad.shape == x.shape and params.grad.shape == params.shape
+    assert torch.equal(params.grad, torch.zeros_like(params))
+
+
+def test_offset_views(device):
+    """Inputs that start one element into their buffer (no 16-byte alignment)
+    take the single-element path and give the same numbers."""
+    def offset(shape, dtype=torch.float32):
+        n = torch.Size(shape).numel()
+        return torch.randn(n + 1, device=device, dtype=dtype)[1:].view(shape)
+
+    x, h = offset((2, 16, 96)), offset((2, 16, 96))
+    params = offset((2, 6 * 96))
+    shift, scale, gate = params.chunk(6, dim=1)[:3]
+    for got, want in zip(ops.gated_residual_ln_modulate(x, h, gate, shift, scale),
+                         ref.gated_residual_ln_modulate(x, h, gate, shift, scale)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ops.gated_residual(x, h, gate), ref.gated_residual(x, h, gate))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_double_backward_refused(device, name):
+    """A second derivative through the fused ops raises, never a silently wrong number."""
+    x, h = (torch.randn(2, 3, 8, device=device, requires_grad=True) for _ in range(2))
+    shift, scale, gate = torch.randn(2, 48, device=device, requires_grad=True).chunk(6, dim=1)[:3]
+    out = {"ln_modulate": lambda: ops.ln_modulate(x, shift, scale),
+           "gated_residual_ln_modulate": lambda: ops.gated_residual_ln_modulate(x, h, gate, shift, scale)[1],
+           "gated_residual": lambda: ops.gated_residual(x, h, gate)}[name]()
+    # (gated_residual passes dx through unchanged; its backward op makes dh.)
+    first, = torch.autograd.grad(out.square().sum(), h if name == "gated_residual" else x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order gradients"):
+        first.sum().backward()

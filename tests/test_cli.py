@@ -50,6 +50,14 @@ def test_arch_runs(arch, capability, runs):
     assert _build._arch_runs(arch, capability) is runs
 
 
+def test_train_bf16_autocast_on_cpu(tmp_path):
+    """--precision bf16: the model predicts in bfloat16 while the data stay float32."""
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", "moons", "--steps", 6, "--log-every", 3, "--precision", "bf16",
+                   "--out", run, *TINY) == 0
+    assert len(losses(run)) == 2 and all(np.isfinite(losses(run)))
+
+
 def test_train_then_sample_points(tmp_path):
     run = tmp_path / "run"
     assert run_cli("train", "--data", "moons", "--steps", 20, "--log-every", 5, "--out", run, *TINY) == 0

@@ -114,6 +114,55 @@ def test_sit_loss_matches_reference(device, shape, dtype, strided):
         assert_close_to_ref(f, e, r, ATOL[dtype], what)
 
 
+# (pred, x) dtypes: a model under autocast predicts in bfloat16 while x stays float32.
+LOSS_PAIRS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+              (torch.bfloat16, torch.float16), (torch.float64, torch.float32), (torch.float32, torch.float64)]
+
+
+def _loss_dtype(*dtypes):
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+@pytest.mark.parametrize("pred_dtype, x_dtype", LOSS_PAIRS, ids=str)
+@pytest.mark.parametrize("shape", [(8, 7), (4, 3, 8, 8), (2, 4100)], ids=str)
+def test_velocity_mse_mixed_dtypes(device, pred_dtype, x_dtype, shape):
+    """pred in a dtype of its own is read as it is; the loss is float32 (float64
+    if either side is), and each gradient comes back in its input's dtype."""
+    pred = torch.randn(shape, dtype=pred_dtype, device=device)
+    x, noise = (torch.randn(shape, dtype=x_dtype, device=device) for _ in range(2))
+    t = rand_time(shape[0], device)
+    upstream = torch.rand(shape[0], device=device)
+
+    def run(fn, dtype_=None):
+        pl, xl, nl, tl = leaves(pred, x, noise, t, dtype=dtype_)
+        loss = fn(pl, xl, nl, tl, "cosine", reduction="none")
+        return [loss, *torch.autograd.grad((loss * upstream.to(loss.dtype)).sum(), [pl, xl, nl, tl])]
+
+    fused, eager, exact = run(ops.velocity_mse), run(ref.velocity_mse), run(ref.velocity_mse, torch.float64)
+    assert [f.dtype for f in fused] == [_loss_dtype(pred_dtype, x_dtype), pred_dtype, x_dtype, x_dtype, torch.float32]
+    atol = max(ATOL[pred_dtype], ATOL[x_dtype])
+    for what, f, e, r in zip(["loss", "dpred", "dx", "dnoise", "dt"], fused, eager, exact):
+        assert_close_to_ref(f, e, r, atol, what)
+
+
+@pytest.mark.parametrize("pred_dtype, target_dtype", LOSS_PAIRS, ids=str)
+@pytest.mark.parametrize("shape", [(7, 3), (2, 4100)], ids=str)
+def test_sit_loss_mixed_dtypes(device, pred_dtype, target_dtype, shape):
+    pred = torch.randn(shape, dtype=pred_dtype, device=device)
+    target = torch.randn(shape, dtype=target_dtype, device=device)
+
+    def run(fn, dtype_=None):
+        pl, tl = leaves(pred, target, dtype=dtype_)
+        loss = fn(pl, tl)
+        return [loss, *torch.autograd.grad(loss * 3.0, [pl, tl])]
+
+    fused, eager, exact = run(sit_ext.sit_loss), run(ref.mse), run(ref.mse, torch.float64)
+    assert [f.dtype for f in fused] == [_loss_dtype(pred_dtype, target_dtype), pred_dtype, target_dtype]
+    atol = max(ATOL[pred_dtype], ATOL[target_dtype])
+    for what, f, e, r in zip(["loss", "dpred", "dtarget"], fused, eager, exact):
+        assert_close_to_ref(f, e, r, atol, what)
+
+
 @pytest.mark.parametrize("mean", [True, False], ids=["mean", "none"])
 def test_velocity_mse_reductions(device, mean):
     x, noise, pred = (torch.randn(6, 5, device=device) for _ in range(3))
@@ -202,6 +251,11 @@ def opcheck_cases(device):
         (ops_.velocity_mse_backward.default, (g4, pred, x, noise, coef, 3, [True, False, False, True])),
         (ops_.mse.default, tuple(need(pred.clone(), x.clone()))),
         (ops_.mse_backward.default, (s, pred, x, [True, True])),
+        # autocast dtypes: a bfloat16 prediction against float32 data
+        (ops_.velocity_mse.default, (*need(pred.bfloat16(), x.clone(), noise.clone(), t.clone()), 1)),
+        (ops_.velocity_mse_backward.default, (g4, pred.bfloat16(), x, noise, t, 2, [True, True, True, True])),
+        (ops_.mse.default, tuple(need(pred.bfloat16(), x.clone()))),
+        (ops_.mse_backward.default, (s, pred.bfloat16(), x.double(), [True, True])),
     ]
 
 
@@ -216,7 +270,8 @@ def test_torch_compile_fullgraph(device):
 
     def step(pred, x, noise, t):
         xt, ut = ops.interpolant(x, noise, t, "cosine")
-        return ops.velocity_mse(pred * xt, x, noise, t, "cosine") + sit_ext.sit_loss(pred, ut)
+        low = (pred * xt).bfloat16()  # a bfloat16 prediction, as under autocast
+        return ops.velocity_mse(pred * xt, x, noise, t, "cosine") + sit_ext.sit_loss(pred, ut) + ops.mse(low, ut)
 
     def loss_and_grads(fn):
         inputs = [a.detach().clone().requires_grad_(i in (0, 3)) for i, a in enumerate(args)]
@@ -329,3 +384,31 @@ def test_cuda_graph_capture_and_replay():
         want = step()
         torch.testing.assert_close(out[0], want[0])
         torch.testing.assert_close(out[1], want[1])
+
+
+@pytest.mark.parametrize("op", ["interpolant", "velocity_mse", "mse"])
+def test_double_backward_refused(device, op):
+    """A second derivative through the fused ops raises, never a silently wrong number."""
+    x, noise, pred = (torch.randn(4, 6, device=device, requires_grad=True) for _ in range(3))
+    t = torch.rand(4, device=device)
+    out = {"interpolant": lambda: ops.interpolant(x, noise, t, "cosine")[0].square().sum(),
+           "velocity_mse": lambda: ops.velocity_mse(pred, x, noise, t),
+           "mse": lambda: ops.mse(pred, x)}[op]()
+    first, = torch.autograd.grad(out, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order gradients"):
+        first.sum().backward()
+
+
+def test_unused_outputs_pass_no_nan(device):
+    """A coefficient that no used output depends on gets no gradient: its
+    infinite slope at t = 0 (d_beta = 1.5 sqrt(t) below, alpha = sqrt(t) for
+    the velocity loss) must not meet a zero gradient and make NaN."""
+    t = torch.tensor([0.0, 0.5, 1e-12, 0.3], device=device, requires_grad=True)
+    x, noise, pred = (torch.randn(4, 6, device=device) for _ in range(3))
+    xt, _ = ops.interpolant(x, noise, coefficients=(1 - t, t**1.5, -torch.ones_like(t), 1.5 * t.sqrt()),
+                            outputs=(True, False))
+    xt.sum().backward()
+    assert torch.isfinite(t.grad).all()
+    t.grad = None
+    ops.velocity_mse(pred, x, noise, coefficients=(t.sqrt(), t, -torch.ones_like(t), 1 + t)).backward()
+    assert torch.isfinite(t.grad).all()

@@ -1,18 +1,25 @@
 // CPU kernels of the AdaLN-Zero family: ln_modulate, gated_residual_ln_modulate
 // and gated_residual, forward and backward.
 //
+// dtypes (see checks.h): x and x_out in X; h, gate, shift, scale in L; y in Y.
+// Everything is computed in float (double for float64).
+//
 // Forward runs rows in parallel; each row is read once from memory and then
-// from L1 for the statistics. Backward splits each sample's T rows into fixed
-// chunks; a chunk sums its rows' contributions to dshift/dscale/dgate, and the
-// chunk sums are added per sample in chunk order: deterministic for any number
-// of threads.
+// from L1 for the statistics. The row mean is x0 + mean(x - x0) with x0 the
+// row's first element, and the variance is taken about that mean: a constant
+// row normalises to exactly 0, and a large mean costs no accuracy. Row sums
+// add float lanes into double every few vectors.
+//
+// Backward splits each sample's T rows into fixed chunks; a chunk sums its
+// rows' contributions to dshift/dscale/dgate, and the chunk sums are added per
+// sample in chunk order: deterministic for any number of threads.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "cpu_utils.h"
 #include "sit_ext/adaln_math.h"
 #include "sit_ext/checks.h"
+#include "sit_ext/dtypes.h"
 
 namespace sit_ext::cpu {
 namespace {
@@ -21,34 +28,25 @@ using at::Tensor;
 
 constexpr int64_t kRowChunk = 32;  // rows per backward task
 
-template <typename scalar_t>
-struct Row {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-};
-
-// Sums f(i) over the vectors and the scalar tail of a row of n elements:
-// f(i, Vec) for full vectors, f(i, scalar) for the tail.
-template <typename scalar_t, typename VecF, typename ScalarF>
-typename Row<scalar_t>::acc_t row_sum(int64_t n, const VecF& fv, const ScalarF& fs) {
-  using R = Row<scalar_t>;
-  typename R::Vec s(0);
+// Sums f over a row of n elements in double: fv(i) for full vectors (added in
+// acc_t lanes, flushed into double lanes), fs(i) for the scalar tail.
+template <typename acc_t, typename VecF, typename ScalarF>
+double row_total(int64_t n, const VecF& fv, const ScalarF& fs) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  WideSum<acc_t> s;
   int64_t i = 0;
-  for (; i + R::IO::kSize <= n; i += R::IO::kSize) s += fv(i);
-  std::array<typename R::acc_t, R::Vec::size()> lanes;
-  s.store(lanes.data());
-  typename R::acc_t total = 0;
-  for (auto l : lanes) total += l;
-  for (; i < n; ++i) total += fs(i);
+  for (; i + Vec::size() <= n; i += Vec::size()) s.add(fv(i));
+  double total = s.total();
+  for (; i < n; ++i) total += double(fs(i));
   return total;
 }
 
 // Calls fv(i) for the full vectors of a row and fs(i) for its tail.
-template <typename scalar_t, typename VecF, typename ScalarF>
+template <typename acc_t, typename VecF, typename ScalarF>
 void row_for(int64_t n, const VecF& fv, const ScalarF& fs) {
+  using Vec = at::vec::Vectorized<acc_t>;
   int64_t i = 0;
-  for (; i + VecIO<scalar_t>::kSize <= n; i += VecIO<scalar_t>::kSize) fv(i);
+  for (; i + Vec::size() <= n; i += Vec::size()) fv(i);
   for (; i < n; ++i) fs(i);
 }
 
@@ -57,10 +55,10 @@ void row_for(int64_t n, const VecF& fv, const ScalarF& fs) {
 // acc (zeroed, acc_t[K * D]); outs[k] (nullable, [B, D]) receive the totals.
 // A sample of more than kRowChunk rows is split into chunks whose sums are
 // added in chunk order, in double: deterministic for any number of threads.
-template <int K, typename scalar_t, typename Body>
-void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<scalar_t*, K> outs,
+template <int K, typename out_t, typename Body>
+void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<out_t*, K> outs,
                  const Body& body) {
-  using acc_t = typename Row<scalar_t>::acc_t;
+  using acc_t = at::opmath_type<out_t>;
   const int64_t chunks = std::max<int64_t>(1, (tokens + kRowChunk - 1) / kRowChunk);
   if (chunks == 1) {  // a whole sample per task: straight into the outputs
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, tokens * dim));
@@ -71,7 +69,7 @@ void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<scalar_t
         body(b, b * tokens, (b + 1) * tokens, acc.data());
         for (int k = 0; k < K; ++k) {
           if (outs[k] == nullptr) continue;
-          for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = scalar_t(acc[k * dim + d]);
+          for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = out_t(acc[k * dim + d]);
         }
       }
     });
@@ -97,12 +95,12 @@ void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<scalar_t
         const acc_t* p = &partial[((b * chunks + c) * K + k) * dim];
         for (int64_t d = 0; d < dim; ++d) total[d] += p[d];
       }
-      for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = scalar_t(total[d]);
+      for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = out_t(total[d]);
     }
   });
 }
 
-// Adds v into acc[i .. i + kSize).
+// Adds v into acc[i .. i + Vec::size()).
 template <typename Vec, typename acc_t>
 void accumulate(acc_t* acc, int64_t i, const Vec& v) {
   (Vec::loadu(acc + i) + v).store(acc + i);
@@ -111,72 +109,73 @@ void accumulate(acc_t* acc, int64_t i, const Vec& v) {
 // ------------------------------------------------------------------ forward
 
 // x_out = x + gate h (when h is given), then y = LN(x_out) (1 + scale) + shift.
-template <typename scalar_t>
+template <typename x_t, typename l_t, typename y_t>
 void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift,
                    const Tensor& scale, double eps, Tensor& x_out, Tensor& y, Tensor& mean,
                    Tensor& rstd) {
-  using R = Row<scalar_t>;
-  using IO = typename R::IO;
-  using acc_t = typename R::acc_t;
-  using Vec = typename R::Vec;
+  using X = VecIO<x_t>;
+  using L = VecIO<l_t>;
+  using Y = VecIO<y_t>;
+  using acc_t = typename X::acc_t;
+  using Vec = typename X::Vec;
+  static_assert(std::is_same_v<acc_t, typename L::acc_t> && std::is_same_v<acc_t, typename Y::acc_t>);
   const int64_t D = a.dim, T = a.tokens;
   const bool residual = a.h.defined();
-  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-  const scalar_t* h = residual ? a.h.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* gate_p = residual ? gate.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* shift_p = shift.const_data_ptr<scalar_t>();
-  const scalar_t* scale_p = scale.const_data_ptr<scalar_t>();
-  scalar_t* xo_p = residual ? x_out.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* y_p = y.mutable_data_ptr<scalar_t>();
+  const x_t* x = a.x.const_data_ptr<x_t>();
+  const l_t* h = residual ? a.h.const_data_ptr<l_t>() : nullptr;
+  const l_t* gate_p = residual ? gate.const_data_ptr<l_t>() : nullptr;
+  const l_t* shift_p = shift.const_data_ptr<l_t>();
+  const l_t* scale_p = scale.const_data_ptr<l_t>();
+  x_t* xo_p = residual ? x_out.mutable_data_ptr<x_t>() : nullptr;
+  y_t* y_p = y.mutable_data_ptr<y_t>();
   acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
   acc_t* rstd_p = rstd.mutable_data_ptr<acc_t>();
   const int64_t gs = residual ? gate.stride(0) : 0, ss = shift.stride(0), cs = scale.stride(0);
   at::parallel_for(0, a.batch * T, std::max<int64_t>(1, 8192 / D), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / T;
-      const scalar_t* src = x + r * D;
+      const x_t* src = x + r * D;
       if (residual) {
-        const scalar_t *hr = h + r * D, *g = gate_p + b * gs;
-        scalar_t* xo = xo_p + r * D;
-        row_for<scalar_t>(
+        const l_t *hr = h + r * D, *g = gate_p + b * gs;
+        x_t* xo = xo_p + r * D;
+        row_for<acc_t>(
             D,
             [&](int64_t i) {
-              IO::store(xo + i, gated_residual_value(IO::load(src + i), IO::load(g + i),
-                                                     IO::load(hr + i)));
+              X::store(xo + i, gated_residual_value(X::load(src + i), L::load(g + i), L::load(hr + i)));
             },
             [&](int64_t i) {
-              xo[i] = scalar_t(gated_residual_value(acc_t(src[i]), acc_t(g[i]), acc_t(hr[i])));
+              xo[i] = x_t(gated_residual_value(acc_t(src[i]), acc_t(g[i]), acc_t(hr[i])));
             });
         src = xo;  // normalise the stored (rounded) x_out, as backward will see it
       }
-      const acc_t mu = row_sum<scalar_t>(
-                           D, [&](int64_t i) { return IO::load(src + i); },
-                           [&](int64_t i) { return acc_t(src[i]); }) /
-                       acc_t(D);
+      const acc_t x0 = src[0];
+      const Vec x0_v(x0);
+      const double shifted = row_total<acc_t>(
+          D, [&](int64_t i) { return X::load(src + i) - x0_v; },
+          [&](int64_t i) { return acc_t(src[i]) - x0; });
+      const acc_t mu = acc_t(double(x0) + shifted / double(D));
       const Vec mu_v(mu);
-      const acc_t var = row_sum<scalar_t>(
-                            D,
-                            [&](int64_t i) {
-                              const Vec d = IO::load(src + i) - mu_v;
-                              return d * d;
-                            },
-                            [&](int64_t i) {
-                              const acc_t d = acc_t(src[i]) - mu;
-                              return d * d;
-                            }) /
-                        acc_t(D);
-      const acc_t rs = acc_t(1) / std::sqrt(var + acc_t(eps));
-      const Vec rs_v(rs);
-      const scalar_t *sh = shift_p + b * ss, *sc = scale_p + b * cs;
-      scalar_t* yr = y_p + r * D;
-      row_for<scalar_t>(
+      const double squares = row_total<acc_t>(
           D,
           [&](int64_t i) {
-            IO::store(yr + i, modulate_value((IO::load(src + i) - mu_v) * rs_v, IO::load(sh + i),
-                                             IO::load(sc + i)));
+            const Vec d = X::load(src + i) - mu_v;
+            return d * d;
           },
           [&](int64_t i) {
-            yr[i] = scalar_t(modulate_value((acc_t(src[i]) - mu) * rs, acc_t(sh[i]), acc_t(sc[i])));
+            const acc_t d = acc_t(src[i]) - mu;
+            return d * d;
+          });
+      const acc_t rs = acc_t(1) / std::sqrt(acc_t(squares / double(D)) + acc_t(eps));
+      const Vec rs_v(rs);
+      const l_t *sh = shift_p + b * ss, *sc = scale_p + b * cs;
+      y_t* yr = y_p + r * D;
+      row_for<acc_t>(
+          D,
+          [&](int64_t i) {
+            Y::store(yr + i, modulate_value((X::load(src + i) - mu_v) * rs_v, L::load(sh + i), L::load(sc + i)));
+          },
+          [&](int64_t i) {
+            yr[i] = y_t(modulate_value((acc_t(src[i]) - mu) * rs, acc_t(sh[i]), acc_t(sc[i])));
           });
       mean_p[r] = mu;
       rstd_p[r] = rs;
@@ -184,59 +183,69 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift,
   });
 }
 
+void forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, const Tensor& scale,
+             double eps, Tensor& x_out, Tensor& y, Tensor& mean, Tensor& rstd) {
+  with_adaln_types(a.x.scalar_type(), *a.low, y.scalar_type(), [&](auto tx, auto tl, auto ty) {
+    adaln_forward<typename decltype(tx)::type, typename decltype(tl)::type, typename decltype(ty)::type>(
+        a, gate, shift, scale, eps, x_out, y, mean, rstd);
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x_, const Tensor& shift,
-                                               const Tensor& scale, double eps) {
+                                               const Tensor& scale, double eps,
+                                               std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "ln_modulate";
-  const AdalnArgs a = adaln_args(op, "x", x_);
+  AdalnArgs a = adaln_args(op, "x", x_);
   check_modulation(op, "shift", shift, a);
   check_modulation(op, "scale", scale, a);
-  Tensor y = at::empty_like(a.x), mean = stats_empty(a.x), rstd = stats_empty(a.x), none;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    adaln_forward<scalar_t>(a, Tensor(), shift, scale, eps, none, y, mean, rstd);
-  });
+  Tensor y = at::empty_like(a.x, a.x.options().dtype(y_dtype(op, "out_dtype", out_dtype, a)));
+  Tensor mean = stats_empty(a.x), rstd = stats_empty(a.x), none;
+  forward(a, Tensor(), shift, scale, eps, none, y, mean, rstd);
   return {y, mean, rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate(
     const Tensor& x_, const Tensor& h_, const Tensor& gate, const Tensor& shift,
-    const Tensor& scale, double eps) {
+    const Tensor& scale, double eps, std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "gated_residual_ln_modulate";
-  const AdalnArgs a = adaln_args(op, "x", x_, h_);
+  AdalnArgs a = adaln_args_with_h(op, "x", x_, h_);
   check_modulation(op, "gate", gate, a);
   check_modulation(op, "shift", shift, a);
   check_modulation(op, "scale", scale, a);
-  Tensor x_out = at::empty_like(a.x), y = at::empty_like(a.x);
+  Tensor x_out = at::empty_like(a.x);
+  Tensor y = at::empty_like(a.x, a.x.options().dtype(y_dtype(op, "out_dtype", out_dtype, a)));
   Tensor mean = stats_empty(a.x), rstd = stats_empty(a.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    adaln_forward<scalar_t>(a, gate, shift, scale, eps, x_out, y, mean, rstd);
-  });
+  forward(a, gate, shift, scale, eps, x_out, y, mean, rstd);
   return {x_out, y, mean, rstd};
 }
 
 Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {
   constexpr const char* op = "gated_residual";
-  const AdalnArgs a = adaln_args(op, "x", x_, h_);
+  AdalnArgs a = adaln_args_with_h(op, "x", x_, h_);
   check_modulation(op, "gate", gate, a);
   Tensor out = at::empty_like(a.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    using IO = VecIO<scalar_t>;
-    using acc_t = typename IO::acc_t;
+  with_residual_types(a.x.scalar_type(), *a.low, [&](auto tx, auto tl) {
+    using x_t = typename decltype(tx)::type;
+    using l_t = typename decltype(tl)::type;
+    using X = VecIO<x_t>;
+    using L = VecIO<l_t>;
+    using acc_t = typename X::acc_t;
     const int64_t D = a.dim, T = a.tokens, gs = gate.stride(0);
-    const scalar_t *x = a.x.const_data_ptr<scalar_t>(), *h = a.h.const_data_ptr<scalar_t>();
-    const scalar_t* g = gate.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const x_t* x = a.x.const_data_ptr<x_t>();
+    const l_t *h = a.h.const_data_ptr<l_t>(), *g = gate.const_data_ptr<l_t>();
+    x_t* o = out.mutable_data_ptr<x_t>();
     at::parallel_for(0, a.batch * T, std::max<int64_t>(1, 16384 / D), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
-        const scalar_t *xr = x + r * D, *hr = h + r * D, *gr = g + (r / T) * gs;
-        scalar_t* orow = o + r * D;
-        row_for<scalar_t>(
+        const x_t* xr = x + r * D;
+        const l_t *hr = h + r * D, *gr = g + (r / T) * gs;
+        x_t* orow = o + r * D;
+        row_for<acc_t>(
             D,
             [&](int64_t i) {
-              IO::store(orow + i, gated_residual_value(IO::load(xr + i), IO::load(gr + i),
-                                                       IO::load(hr + i)));
+              X::store(orow + i, gated_residual_value(X::load(xr + i), L::load(gr + i), L::load(hr + i)));
             },
             [&](int64_t i) {
-              orow[i] = scalar_t(gated_residual_value(acc_t(xr[i]), acc_t(gr[i]), acc_t(hr[i])));
+              orow[i] = x_t(gated_residual_value(acc_t(xr[i]), acc_t(gr[i]), acc_t(hr[i])));
             });
       }
     });
@@ -255,62 +264,96 @@ struct RowGrads {
   bool need_shift, need_scale, need_gate;
 };
 
-template <typename scalar_t>
-void adaln_backward_row(const RowGrads& rg, const scalar_t* xo, const scalar_t* dy,
-                        const scalar_t* dxo, const scalar_t* h, const scalar_t* gate,
-                        const scalar_t* scale, typename Row<scalar_t>::acc_t mu,
-                        typename Row<scalar_t>::acc_t rs, scalar_t* dx, scalar_t* dh,
-                        typename Row<scalar_t>::acc_t* acc) {
-  using R = Row<scalar_t>;
-  using IO = typename R::IO;
-  using acc_t = typename R::acc_t;
-  using Vec = typename R::Vec;
+template <typename x_t, typename l_t, typename y_t>
+void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const x_t* dxo,
+                        const l_t* h, const l_t* gate, const l_t* scale,
+                        at::opmath_type<x_t> mu, at::opmath_type<x_t> rs, x_t* dx, l_t* dh,
+                        at::opmath_type<x_t>* acc) {
+  using X = VecIO<x_t>;
+  using L = VecIO<l_t>;
+  using Y = VecIO<y_t>;
+  using acc_t = typename X::acc_t;
+  using Vec = typename X::Vec;
   const int64_t D = rg.dim;
   const Vec mu_v(mu), rs_v(rs), one(1);
-  const acc_t a = row_sum<scalar_t>(
-                      D, [&](int64_t i) { return IO::load(dy + i) * (one + IO::load(scale + i)); },
-                      [&](int64_t i) { return acc_t(dy[i]) * (acc_t(1) + acc_t(scale[i])); }) /
-                  acc_t(D);
-  const acc_t c = row_sum<scalar_t>(
-                      D,
-                      [&](int64_t i) {
-                        const Vec xhat = (IO::load(xo + i) - mu_v) * rs_v;
-                        return IO::load(dy + i) * (one + IO::load(scale + i)) * xhat;
-                      },
-                      [&](int64_t i) {
-                        const acc_t xhat = (acc_t(xo[i]) - mu) * rs;
-                        return acc_t(dy[i]) * (acc_t(1) + acc_t(scale[i])) * xhat;
-                      }) /
-                  acc_t(D);
+  const acc_t a = acc_t(row_total<acc_t>(
+                            D, [&](int64_t i) { return Y::load(dy + i) * (one + L::load(scale + i)); },
+                            [&](int64_t i) { return acc_t(dy[i]) * (acc_t(1) + acc_t(scale[i])); }) /
+                        double(D));
+  const acc_t c = acc_t(row_total<acc_t>(
+                            D,
+                            [&](int64_t i) {
+                              const Vec xhat = (X::load(xo + i) - mu_v) * rs_v;
+                              return Y::load(dy + i) * (one + L::load(scale + i)) * xhat;
+                            },
+                            [&](int64_t i) {
+                              const acc_t xhat = (acc_t(xo[i]) - mu) * rs;
+                              return acc_t(dy[i]) * (acc_t(1) + acc_t(scale[i])) * xhat;
+                            }) /
+                        double(D));
   // LayerNorm over a single element is constant: no gradient reaches x. (The
   // general formula gives rstd times a rounding difference, with rstd ~ 1/sqrt(eps).)
   const acc_t rs_dx = D == 1 ? acc_t(0) : rs;
   const Vec a_v(a), c_v(c), rs_dx_v(rs_dx);
   const bool need_total = dx != nullptr || dh != nullptr || rg.need_gate;
-  row_for<scalar_t>(
+  row_for<acc_t>(
       D,
       [&](int64_t i) {
-        const Vec dyv = IO::load(dy + i), xhat = (IO::load(xo + i) - mu_v) * rs_v;
+        const Vec dyv = Y::load(dy + i), xhat = (X::load(xo + i) - mu_v) * rs_v;
         if (rg.need_shift) accumulate(acc, i, dyv);
         if (rg.need_scale) accumulate(acc + D, i, dyv * xhat);
         if (!need_total) return;
-        Vec total = layer_norm_grad(dyv * (one + IO::load(scale + i)), xhat, a_v, c_v, rs_dx_v);
-        if (dxo) total += IO::load(dxo + i);
-        if (dx) IO::store(dx + i, total);
-        if (dh) IO::store(dh + i, IO::load(gate + i) * total);
-        if (rg.need_gate) accumulate(acc + 2 * D, i, total * IO::load(h + i));
+        Vec total = layer_norm_grad(dyv * (one + L::load(scale + i)), xhat, a_v, c_v, rs_dx_v);
+        if (dxo) total += X::load(dxo + i);
+        if (dx) X::store(dx + i, total);
+        if (dh) L::store(dh + i, L::load(gate + i) * total);
+        if (rg.need_gate) accumulate(acc + 2 * D, i, total * L::load(h + i));
       },
       [&](int64_t i) {
-        const acc_t dyv = dy[i], xhat = (acc_t(xo[i]) - mu) * rs;
+        const acc_t dyv = acc_t(dy[i]), xhat = (acc_t(xo[i]) - mu) * rs;
         if (rg.need_shift) acc[i] += dyv;
         if (rg.need_scale) acc[D + i] += dyv * xhat;
         if (!need_total) return;
         acc_t total = layer_norm_grad(dyv * (acc_t(1) + acc_t(scale[i])), xhat, a, c, rs_dx);
         if (dxo) total += acc_t(dxo[i]);
-        if (dx) dx[i] = scalar_t(total);
-        if (dh) dh[i] = scalar_t(acc_t(gate[i]) * total);
+        if (dx) dx[i] = x_t(total);
+        if (dh) dh[i] = l_t(acc_t(gate[i]) * total);
         if (rg.need_gate) acc[2 * D + i] += total * acc_t(h[i]);
       });
+}
+
+// The LayerNorm + modulate backward of every row, with the gated residual when
+// h is defined. Outputs not asked for are empty.
+void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Tensor& gate,
+              const Tensor& scale, const Tensor& mean, const Tensor& rstd, Tensor& dx, Tensor& dh,
+              Tensor& dgate, Tensor& dshift, Tensor& dscale) {
+  with_adaln_types(a.x.scalar_type(), *a.low, dy.scalar_type(), [&](auto tx, auto tl, auto ty) {
+    using x_t = typename decltype(tx)::type;
+    using l_t = typename decltype(tl)::type;
+    using y_t = typename decltype(ty)::type;
+    using acc_t = at::opmath_type<x_t>;
+    const int64_t D = a.dim, T = a.tokens, cs = scale.stride(0);
+    const int64_t gs = gate.defined() ? gate.stride(0) : 0;
+    const x_t* xo = a.x.const_data_ptr<x_t>();
+    const y_t* dy_p = dy.const_data_ptr<y_t>();
+    const x_t* dxo_p = in_ptr<x_t>(dxo);
+    const l_t *h = in_ptr<l_t>(a.h), *gate_p = in_ptr<l_t>(gate), *scale_p = scale.const_data_ptr<l_t>();
+    const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
+    x_t* dx_p = out_ptr<x_t>(dx);
+    l_t* dh_p = out_ptr<l_t>(dh);
+    const RowGrads rg{D, dshift.numel() > 0, dscale.numel() > 0, dgate.numel() > 0};
+    column_sums<3, l_t>(
+        a.batch, T, D, {out_ptr<l_t>(dshift), out_ptr<l_t>(dscale), out_ptr<l_t>(dgate)},
+        [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
+          for (int64_t r = lo; r < hi; ++r) {
+            const int64_t o = r * D;
+            adaln_backward_row<x_t, l_t, y_t>(rg, xo + o, dy_p + o, dxo_p ? dxo_p + o : nullptr,
+                                              h ? h + o : nullptr, gate_p ? gate_p + b * gs : nullptr,
+                                              scale_p + b * cs, mean_p[r], rstd_p[r],
+                                              dx_p ? dx_p + o : nullptr, dh_p ? dh_p + o : nullptr, acc);
+          }
+        });
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y,
@@ -318,31 +361,13 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y,
                                                         const Tensor& mean, const Tensor& rstd,
                                                         std::array<bool, 3> mask) {
   constexpr const char* op = "ln_modulate_backward";
-  const AdalnArgs a = adaln_args(op, "x", x_);
+  AdalnArgs a = adaln_args(op, "x", x_);
   check_modulation(op, "scale", scale, a);
-  check_like(op, "x", x_, "grad_y", grad_y);
+  const Tensor dy = grad_y_arg(op, grad_y, a);
   check_stats(op, mean, rstd, x_);
-  const Tensor dy = grad_y.contiguous();
   Tensor dx = empty_if(mask[0], a.x), dshift = per_sample_empty(mask[1], a),
-         dscale = per_sample_empty(mask[2], a);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    using acc_t = typename Row<scalar_t>::acc_t;
-    const int64_t D = a.dim, T = a.tokens, cs = scale.stride(0);
-    const scalar_t *x = a.x.const_data_ptr<scalar_t>(), *dy_p = dy.const_data_ptr<scalar_t>();
-    const scalar_t* scale_p = scale.const_data_ptr<scalar_t>();
-    const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
-    scalar_t* dx_p = out_ptr<scalar_t>(dx);
-    const RowGrads rg{D, mask[1], mask[2], false};
-    column_sums<2, scalar_t>(
-        a.batch, T, D, {out_ptr<scalar_t>(dshift), out_ptr<scalar_t>(dscale)},
-        [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
-          for (int64_t r = lo; r < hi; ++r) {
-            adaln_backward_row<scalar_t>(rg, x + r * D, dy_p + r * D, nullptr, nullptr, nullptr,
-                                         scale_p + b * cs, mean_p[r], rstd_p[r],
-                                         dx_p ? dx_p + r * D : nullptr, nullptr, acc);
-          }
-        });
-  });
+         dscale = per_sample_empty(mask[2], a), dh, dgate = per_sample_empty(false, a);
+  backward(a, dy, Tensor(), Tensor(), scale, mean, rstd, dx, dh, dgate, dshift, dscale);
   return {dx, dshift, dscale};
 }
 
@@ -351,41 +376,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_ba
     const Tensor& h_, const Tensor& gate, const Tensor& scale, const Tensor& mean,
     const Tensor& rstd, std::array<bool, 5> mask) {
   constexpr const char* op = "gated_residual_ln_modulate_backward";
-  const AdalnArgs a = adaln_args(op, "x_out", x_out_, h_);
+  AdalnArgs a = adaln_args_with_h(op, "x_out", x_out_, h_);
   check_modulation(op, "gate", gate, a);
   check_modulation(op, "scale", scale, a);
-  check_like(op, "x_out", x_out_, "grad_y", grad_y);
+  const Tensor dy = grad_y_arg(op, grad_y, a);
   if (grad_x_out.has_value()) check_like(op, "x_out", x_out_, "grad_x_out", *grad_x_out);
   check_stats(op, mean, rstd, x_out_);
-  const Tensor dy = grad_y.contiguous();
   const Tensor dxo = grad_x_out.has_value() ? grad_x_out->contiguous() : Tensor();
-  Tensor dx = empty_if(mask[0], a.x), dh = empty_if(mask[1], a.x),
+  Tensor dx = empty_if(mask[0], a.x), dh = empty_if(mask[1], a.h),
          dgate = per_sample_empty(mask[2], a), dshift = per_sample_empty(mask[3], a),
          dscale = per_sample_empty(mask[4], a);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    using acc_t = typename Row<scalar_t>::acc_t;
-    const int64_t D = a.dim, T = a.tokens, cs = scale.stride(0), gs = gate.stride(0);
-    const scalar_t *xo = a.x.const_data_ptr<scalar_t>(), *h = a.h.const_data_ptr<scalar_t>();
-    const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
-    const scalar_t* dxo_p = in_ptr<scalar_t>(dxo);
-    const scalar_t *gate_p = gate.const_data_ptr<scalar_t>(), *scale_p = scale.const_data_ptr<scalar_t>();
-    const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
-    scalar_t* dx_p = out_ptr<scalar_t>(dx);
-    scalar_t* dh_p = out_ptr<scalar_t>(dh);
-    const RowGrads rg{D, mask[3], mask[4], mask[2]};
-    column_sums<3, scalar_t>(
-        a.batch, T, D,
-        {out_ptr<scalar_t>(dshift), out_ptr<scalar_t>(dscale),
-         out_ptr<scalar_t>(dgate)},
-        [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
-          for (int64_t r = lo; r < hi; ++r) {
-            const int64_t o = r * D;
-            adaln_backward_row<scalar_t>(rg, xo + o, dy_p + o, dxo_p ? dxo_p + o : nullptr, h + o,
-                                         gate_p + b * gs, scale_p + b * cs, mean_p[r], rstd_p[r],
-                                         dx_p ? dx_p + o : nullptr, dh_p ? dh_p + o : nullptr, acc);
-          }
-        });
-  });
+  backward(a, dy, dxo, gate, scale, mean, rstd, dx, dh, dgate, dshift, dscale);
   return {dx, dh, dgate, dshift, dscale};
 }
 
@@ -393,32 +394,36 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Te
                                                    const Tensor& gate,
                                                    std::array<bool, 2> mask) {
   constexpr const char* op = "gated_residual_backward";
-  const AdalnArgs a = adaln_args(op, "grad", grad_, h_);
+  AdalnArgs a = adaln_args_with_h(op, "grad", grad_, h_);
   check_modulation(op, "gate", gate, a);
-  Tensor dh = empty_if(mask[0], a.x), dgate = per_sample_empty(mask[1], a);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    using IO = VecIO<scalar_t>;
-    using acc_t = typename IO::acc_t;
+  Tensor dh = empty_if(mask[0], a.h), dgate = per_sample_empty(mask[1], a);
+  with_residual_types(a.x.scalar_type(), *a.low, [&](auto tx, auto tl) {
+    using x_t = typename decltype(tx)::type;
+    using l_t = typename decltype(tl)::type;
+    using X = VecIO<x_t>;
+    using L = VecIO<l_t>;
+    using acc_t = typename X::acc_t;
     const int64_t D = a.dim, gs = gate.stride(0);
-    const scalar_t *g = a.x.const_data_ptr<scalar_t>(), *h = a.h.const_data_ptr<scalar_t>();
-    const scalar_t* gate_p = gate.const_data_ptr<scalar_t>();
-    scalar_t* dh_p = out_ptr<scalar_t>(dh);
-    column_sums<1, scalar_t>(
-        a.batch, a.tokens, D, {out_ptr<scalar_t>(dgate)},
+    const x_t* g = a.x.const_data_ptr<x_t>();
+    const l_t *h = a.h.const_data_ptr<l_t>(), *gate_p = gate.const_data_ptr<l_t>();
+    l_t* dh_p = out_ptr<l_t>(dh);
+    column_sums<1, l_t>(
+        a.batch, a.tokens, D, {out_ptr<l_t>(dgate)},
         [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
-          const scalar_t* gr = gate_p + b * gs;
+          const l_t* gr = gate_p + b * gs;
           for (int64_t r = lo; r < hi; ++r) {
-            const scalar_t *gg = g + r * D, *hr = h + r * D;
-            scalar_t* dhr = dh_p ? dh_p + r * D : nullptr;
-            row_for<scalar_t>(
+            const x_t* gg = g + r * D;
+            const l_t* hr = h + r * D;
+            l_t* dhr = dh_p ? dh_p + r * D : nullptr;
+            row_for<acc_t>(
                 D,
                 [&](int64_t i) {
-                  const auto gv = IO::load(gg + i);
-                  if (dhr) IO::store(dhr + i, IO::load(gr + i) * gv);
-                  if (mask[1]) accumulate(acc, i, gv * IO::load(hr + i));
+                  const auto gv = X::load(gg + i);
+                  if (dhr) L::store(dhr + i, L::load(gr + i) * gv);
+                  if (mask[1]) accumulate(acc, i, gv * L::load(hr + i));
                 },
                 [&](int64_t i) {
-                  if (dhr) dhr[i] = scalar_t(acc_t(gr[i]) * acc_t(gg[i]));
+                  if (dhr) dhr[i] = l_t(acc_t(gr[i]) * acc_t(gg[i]));
                   if (mask[1]) acc[i] += acc_t(gg[i]) * acc_t(hr[i]);
                 });
           }

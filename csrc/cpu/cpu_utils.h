@@ -52,6 +52,10 @@ struct WideSum {
   int count = 0;
   std::array<double, Vec::size()> lanes{};
 
+  void add(const Vec& a) {
+    inner += a;
+    if (++count == kFlush) flush();
+  }
   void add_product(const Vec& a, const Vec& b) {
     inner = at::vec::fmadd(a, b, inner);
     if (++count == kFlush) flush();

@@ -5,6 +5,7 @@
 
 #include "cpu_utils.h"
 #include "sit_ext/checks.h"
+#include "sit_ext/dtypes.h"
 #include "sit_ext/interpolant_math.h"
 
 namespace sit_ext::cpu {
@@ -131,30 +132,38 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
   return {dx, dn, dt};
 }
 
+// pred may have any float dtype (P); x and noise share theirs (X). With
+// float64 on one side only, the other is converted (see paired_with).
 Tensor velocity_mse(const Tensor& pred_, const Tensor& x_, const Tensor& noise_, const Tensor& t,
                     int64_t schedule) {
   const SampleArgs a = sample_args("velocity_mse", x_, noise_, t, schedule, pred_);
-  Tensor loss = acc_empty({a.rows}, a.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "velocity_mse", [&] {
-    using IO = VecIO<scalar_t>;
-    using acc_t = typename IO::acc_t;
-    using Vec = typename IO::Vec;
-    const scalar_t* p = a.pred.const_data_ptr<scalar_t>();
-    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
+  const auto acc_type = loss_acc_type(a.x.scalar_type(), a.pred.scalar_type());
+  const Tensor pred = paired_with(a.pred, acc_type), x = paired_with(a.x, acc_type),
+               noise = paired_with(a.noise, acc_type);
+  Tensor loss = at::empty({a.rows}, x.options().dtype(acc_type));
+  with_loss_types(pred.scalar_type(), x.scalar_type(), [&](auto tp, auto tx) {
+    using p_t = typename decltype(tp)::type;
+    using x_t = typename decltype(tx)::type;
+    using PIO = VecIO<p_t>;
+    using XIO = VecIO<x_t>;
+    using acc_t = typename XIO::acc_t;
+    using Vec = typename XIO::Vec;
+    const p_t* p = pred.const_data_ptr<p_t>();
+    const x_t* xp = x.const_data_ptr<x_t>();
+    const x_t* e = noise.const_data_ptr<x_t>();
     std::vector<double> sums(a.rows);
     for_each_chunk<1>(a.rows, a.n, sums.data(), [&](int64_t row, int64_t i, int64_t end, double* sum) {
       const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
       const auto cv = broadcast(c);
       const int64_t o = row * a.n;
       WideSum<acc_t> s;
-      for (; i + IO::kSize <= end; i += IO::kSize) {
-        const Vec r = IO::load(p + o + i) - velocity_value(cv, IO::load(x + o + i), IO::load(e + o + i));
+      for (; i + XIO::kSize <= end; i += XIO::kSize) {
+        const Vec r = PIO::load(p + o + i) - velocity_value(cv, XIO::load(xp + o + i), XIO::load(e + o + i));
         s.add_product(r, r);
       }
       double tail = 0;
       for (; i < end; ++i) {
-        const double r = acc_t(p[o + i]) - velocity_value(c, acc_t(x[o + i]), acc_t(e[o + i]));
+        const double r = acc_t(p[o + i]) - velocity_value(c, acc_t(xp[o + i]), acc_t(e[o + i]));
         tail += r * r;
       }
       sum[0] += s.total() + tail;
@@ -165,26 +174,33 @@ Tensor velocity_mse(const Tensor& pred_, const Tensor& x_, const Tensor& noise_,
   return loss;
 }
 
+// Gradients in each input's own dtype: dpred in P, dx and dnoise in X.
 std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
     const Tensor& grad_, const Tensor& pred_, const Tensor& x_, const Tensor& noise_,
     const Tensor& t, int64_t schedule, std::array<bool, 4> mask) {
   constexpr const char* op = "velocity_mse_backward";
   const SampleArgs a = sample_args(op, x_, noise_, t, schedule, pred_);
-  const Tensor grad = per_sample_grad(op, grad_, a.x);
-  Tensor dp = empty_if(mask[0], a.x), dx = empty_if(mask[1], a.x), dn = empty_if(mask[2], a.x);
+  const auto acc_type = loss_acc_type(a.x.scalar_type(), a.pred.scalar_type());
+  const Tensor grad = per_sample_grad(op, grad_, a.x, acc_type);
+  const Tensor pred = paired_with(a.pred, acc_type), x = paired_with(a.x, acc_type),
+               noise = paired_with(a.noise, acc_type);
+  Tensor dp = empty_if(mask[0], pred), dx = empty_if(mask[1], x), dn = empty_if(mask[2], x);
   Tensor dt = at::empty({0}, t.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    using IO = VecIO<scalar_t>;
-    using acc_t = typename IO::acc_t;
-    using Vec = typename IO::Vec;
-    const scalar_t* p = a.pred.const_data_ptr<scalar_t>();
-    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
+  with_loss_types(pred.scalar_type(), x.scalar_type(), [&](auto tp, auto tx) {
+    using p_t = typename decltype(tp)::type;
+    using x_t = typename decltype(tx)::type;
+    using PIO = VecIO<p_t>;
+    using XIO = VecIO<x_t>;
+    using acc_t = typename XIO::acc_t;
+    using Vec = typename XIO::Vec;
+    const p_t* p = pred.const_data_ptr<p_t>();
+    const x_t* xp = x.const_data_ptr<x_t>();
+    const x_t* e = noise.const_data_ptr<x_t>();
     const acc_t* g = grad.const_data_ptr<acc_t>();
     const int64_t g_stride = grad.stride(0);
-    scalar_t* dp_p = out_ptr<scalar_t>(dp);
-    scalar_t* dx_p = out_ptr<scalar_t>(dx);
-    scalar_t* dn_p = out_ptr<scalar_t>(dn);
+    p_t* dp_p = out_ptr<p_t>(dp);
+    x_t* dx_p = out_ptr<x_t>(dx);
+    x_t* dn_p = out_ptr<x_t>(dn);
     auto body = [&](int64_t row, int64_t i, int64_t end, double* sums) {
       const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
       const auto cv = broadcast(c);
@@ -192,12 +208,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
       const Vec kv(k);
       const int64_t o = row * a.n;
       WideSum<acc_t> s0, s1;
-      for (; i + IO::kSize <= end; i += IO::kSize) {
-        const Vec xv = IO::load(x + o + i), ev = IO::load(e + o + i);
-        const Vec dpv = kv * (IO::load(p + o + i) - velocity_value(cv, xv, ev));
-        if (dp_p) IO::store(dp_p + o + i, dpv);
-        if (dx_p) IO::store(dx_p + o + i, -(cv.da * dpv));
-        if (dn_p) IO::store(dn_p + o + i, -(cv.db * dpv));
+      for (; i + XIO::kSize <= end; i += XIO::kSize) {
+        const Vec xv = XIO::load(xp + o + i), ev = XIO::load(e + o + i);
+        const Vec dpv = kv * (PIO::load(p + o + i) - velocity_value(cv, xv, ev));
+        if (dp_p) PIO::store(dp_p + o + i, dpv);
+        if (dx_p) XIO::store(dx_p + o + i, -(cv.da * dpv));
+        if (dn_p) XIO::store(dn_p + o + i, -(cv.db * dpv));
         if (sums) {
           s0.add_product(dpv, xv);
           s1.add_product(dpv, ev);
@@ -205,11 +221,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
       }
       double r0 = 0, r1 = 0;
       for (; i < end; ++i) {
-        const acc_t xs = x[o + i], es = e[o + i];
+        const acc_t xs = xp[o + i], es = e[o + i];
         const acc_t dps = k * (acc_t(p[o + i]) - velocity_value(c, xs, es));
-        if (dp_p) dp_p[o + i] = scalar_t(dps);
-        if (dx_p) dx_p[o + i] = scalar_t(-(c.da * dps));
-        if (dn_p) dn_p[o + i] = scalar_t(-(c.db * dps));
+        if (dp_p) dp_p[o + i] = p_t(dps);
+        if (dx_p) dx_p[o + i] = x_t(-(c.da * dps));
+        if (dn_p) dn_p[o + i] = x_t(-(c.db * dps));
         r0 += double(dps) * xs;
         r1 += double(dps) * es;
       }
@@ -228,24 +244,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
       velocity_mse_time_grad(a.time, b, &sums[2 * b], g);
     });
   });
-  return {dp, dx, dn, dt};
+  return {as_dtype(dp, a.pred), as_dtype(dx, a.x), as_dtype(dn, a.x), dt};
 }
 
+// pred (P) and target (Q) in any float dtypes.
 Tensor mse(const Tensor& pred_, const Tensor& target_) {
   check_mse_args("mse", pred_, target_);
-  const Tensor pred = pred_.contiguous(), target = target_.contiguous();
-  Tensor out = acc_empty({}, pred);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mse", [&] {
-    using IO = VecIO<scalar_t>;
-    using acc_t = typename IO::acc_t;
-    using Vec = typename IO::Vec;
-    const scalar_t* p = pred.const_data_ptr<scalar_t>();
-    const scalar_t* q = target.const_data_ptr<scalar_t>();
+  const auto acc_type = loss_acc_type(pred_.scalar_type(), target_.scalar_type());
+  const Tensor pred = paired_with(pred_, acc_type).contiguous();
+  const Tensor target = paired_with(target_, acc_type).contiguous();
+  Tensor out = at::empty({}, pred.options().dtype(acc_type));
+  with_loss_types(pred.scalar_type(), target.scalar_type(), [&](auto tp, auto tq) {
+    using p_t = typename decltype(tp)::type;
+    using q_t = typename decltype(tq)::type;
+    using PIO = VecIO<p_t>;
+    using QIO = VecIO<q_t>;
+    using acc_t = typename PIO::acc_t;
+    using Vec = typename PIO::Vec;
+    const p_t* p = pred.const_data_ptr<p_t>();
+    const q_t* q = target.const_data_ptr<q_t>();
     double sum = 0;
     for_each_chunk<1>(1, pred.numel(), &sum, [&](int64_t, int64_t i, int64_t end, double* sums) {
       WideSum<acc_t> s;
-      for (; i + IO::kSize <= end; i += IO::kSize) {
-        const Vec r = IO::load(p + i) - IO::load(q + i);
+      for (; i + PIO::kSize <= end; i += PIO::kSize) {
+        const Vec r = PIO::load(p + i) - QIO::load(q + i);
         s.add_product(r, r);
       }
       double tail = 0;
@@ -264,33 +286,38 @@ std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad_, const Tensor& pred_
                                         const Tensor& target_, std::array<bool, 2> mask) {
   constexpr const char* op = "mse_backward";
   check_mse_args(op, pred_, target_);
-  const Tensor grad = scalar_grad(op, grad_, pred_);
-  const Tensor pred = pred_.contiguous(), target = target_.contiguous();
-  Tensor dp = empty_if(mask[0], pred), dq = empty_if(mask[1], pred);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), op, [&] {
-    using IO = VecIO<scalar_t>;
-    using acc_t = typename IO::acc_t;
-    using Vec = typename IO::Vec;
-    const scalar_t* p = pred.const_data_ptr<scalar_t>();
-    const scalar_t* q = target.const_data_ptr<scalar_t>();
-    scalar_t* dp_p = out_ptr<scalar_t>(dp);
-    scalar_t* dq_p = out_ptr<scalar_t>(dq);
+  const auto acc_type = loss_acc_type(pred_.scalar_type(), target_.scalar_type());
+  const Tensor grad = scalar_grad(op, grad_, pred_, acc_type);
+  const Tensor pred = paired_with(pred_, acc_type).contiguous();
+  const Tensor target = paired_with(target_, acc_type).contiguous();
+  Tensor dp = empty_if(mask[0], pred), dq = empty_if(mask[1], target);
+  with_loss_types(pred.scalar_type(), target.scalar_type(), [&](auto tp, auto tq) {
+    using p_t = typename decltype(tp)::type;
+    using q_t = typename decltype(tq)::type;
+    using PIO = VecIO<p_t>;
+    using QIO = VecIO<q_t>;
+    using acc_t = typename PIO::acc_t;
+    using Vec = typename PIO::Vec;
+    const p_t* p = pred.const_data_ptr<p_t>();
+    const q_t* q = target.const_data_ptr<q_t>();
+    p_t* dp_p = out_ptr<p_t>(dp);
+    q_t* dq_p = out_ptr<q_t>(dq);
     const acc_t k = acc_t(2) * *grad.const_data_ptr<acc_t>() / acc_t(pred.numel());
     const Vec kv(k);
     for_each_chunk<0>(1, pred.numel(), nullptr, [&](int64_t, int64_t i, int64_t end, double*) {
-      for (; i + IO::kSize <= end; i += IO::kSize) {
-        const Vec d = kv * (IO::load(p + i) - IO::load(q + i));
-        if (dp_p) IO::store(dp_p + i, d);
-        if (dq_p) IO::store(dq_p + i, -d);
+      for (; i + PIO::kSize <= end; i += PIO::kSize) {
+        const Vec d = kv * (PIO::load(p + i) - QIO::load(q + i));
+        if (dp_p) PIO::store(dp_p + i, d);
+        if (dq_p) QIO::store(dq_p + i, -d);
       }
       for (; i < end; ++i) {
         const acc_t d = k * (acc_t(p[i]) - acc_t(q[i]));
-        if (dp_p) dp_p[i] = scalar_t(d);
-        if (dq_p) dq_p[i] = scalar_t(-d);
+        if (dp_p) dp_p[i] = p_t(d);
+        if (dq_p) dq_p[i] = q_t(-d);
       }
     });
   });
-  return {dp, dq};
+  return {as_dtype(dp, pred_), as_dtype(dq, target_)};
 }
 
 }  // namespace

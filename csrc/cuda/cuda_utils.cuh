@@ -8,7 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace sit_ext::cuda {
 
@@ -90,6 +92,23 @@ void with_vec(bool vectorize, const Launch& launch) {
   } else {
     launch(std::integral_constant<int, 1>{});
   }
+}
+
+// Mixed dtypes: packs of kVec elements with kVec set by the widest type, so
+// that its accesses are 16 bytes (the narrower ones 8).
+template <typename... Ts>
+constexpr int kVecOfWidest = 16 / std::max({sizeof(Ts)...});
+
+// Whether every (non-null) pointer is aligned for packs of kVec of its type.
+template <int kVec, typename... Ts>
+bool packs_aligned(const Ts*... ptrs) {
+  return ((ptrs == nullptr || reinterpret_cast<uintptr_t>(ptrs) % (sizeof(Ts) * kVec) == 0) && ...);
+}
+
+// A launch of `blocks` blocks fits the grid's x dimension.
+inline void check_grid(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= int64_t(std::numeric_limits<int32_t>::max()), "sit_ext.", op, ": the input needs ",
+              blocks, " CUDA blocks, more than a grid holds; split the batch");
 }
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

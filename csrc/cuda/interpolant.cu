@@ -11,6 +11,7 @@
 
 #include "cuda_utils.cuh"
 #include "sit_ext/checks.h"
+#include "sit_ext/dtypes.h"
 #include "sit_ext/interpolant_math.h"
 
 namespace sit_ext::cuda {
@@ -26,7 +27,7 @@ __global__ void __launch_bounds__(kThreads)
                        scalar_t* __restrict__ xt, scalar_t* __restrict__ ut, int64_t n,
                        int64_t chunks, TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
+  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) interpolant_backward_kernel(
     scalar_t* __restrict__ dn, double* __restrict__ partial, int64_t n, int64_t chunks,
     TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
+  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   acc_t s[4] = {0, 0, 0, 0};
@@ -84,24 +85,25 @@ __global__ void __launch_bounds__(kThreads) interpolant_backward_kernel(
   double sums[4] = {s[0], s[1], s[2], s[3]};
   block_sum(sums);
   if (threadIdx.x == 0) {
-    for (int k = 0; k < 4; ++k) partial[blockIdx.x * 4 + k] = sums[k];
+    for (int k = 0; k < 4; ++k) partial[block * 4 + k] = sums[k];
   }
 }
 
-// partial: [rows * chunks] block sums of (pred - u_t)^2.
-template <typename scalar_t, int kVec>
+// partial: [rows * chunks] block sums of (pred - u_t)^2. pred in p_t, x and
+// noise in x_t (see kVecOfWidest for kVec).
+template <typename p_t, typename x_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    velocity_mse_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ x,
-                        const scalar_t* __restrict__ e, double* __restrict__ partial, int64_t n,
+    velocity_mse_kernel(const p_t* __restrict__ p, const x_t* __restrict__ x,
+                        const x_t* __restrict__ e, double* __restrict__ partial, int64_t n,
                         int64_t chunks, TimeArg ta) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   acc_t s = 0;
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
-    const auto pv = load_pack<kVec>(p + o + i), xv = load_pack<kVec>(x + o + i),
-               ev = load_pack<kVec>(e + o + i);
+    const auto pv = load_pack<kVec>(p + o + i);
+    const auto xv = load_pack<kVec>(x + o + i), ev = load_pack<kVec>(e + o + i);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t r = acc_t(pv.v[j]) - velocity_value(c, acc_t(xv.v[j]), acc_t(ev.v[j]));
@@ -110,35 +112,35 @@ __global__ void __launch_bounds__(kThreads)
   });
   double sums[1] = {s};
   block_sum(sums);
-  if (threadIdx.x == 0) partial[blockIdx.x] = sums[0];
+  if (threadIdx.x == 0) partial[block] = sums[0];
 }
 
 // g: per-sample upstream gradient (acc_t, stride g_stride). partial:
 // [rows * chunks, 2] block sums of (du*x, du*e), or null.
-template <typename scalar_t, int kVec>
+template <typename p_t, typename x_t, int kVec>
 __global__ void __launch_bounds__(kThreads) velocity_mse_backward_kernel(
-    const at::opmath_type<scalar_t>* __restrict__ g, int64_t g_stride,
-    const scalar_t* __restrict__ p, const scalar_t* __restrict__ x,
-    const scalar_t* __restrict__ e, scalar_t* __restrict__ dp, scalar_t* __restrict__ dx,
-    scalar_t* __restrict__ dn, double* __restrict__ partial, int64_t n, int64_t chunks,
-    TimeArg ta) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row = blockIdx.x / chunks, begin = (blockIdx.x % chunks) * chunk_size<kVec>();
+    const at::opmath_type<x_t>* __restrict__ g, int64_t g_stride, const p_t* __restrict__ p,
+    const x_t* __restrict__ x, const x_t* __restrict__ e, p_t* __restrict__ dp,
+    x_t* __restrict__ dx, x_t* __restrict__ dn, double* __restrict__ partial, int64_t n,
+    int64_t chunks, TimeArg ta) {
+  using acc_t = at::opmath_type<x_t>;
+  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   const acc_t k = acc_t(2) * g[row * g_stride] / acc_t(n);
   acc_t s[2] = {0, 0};
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
-    const auto pv = load_pack<kVec>(p + o + i), xv = load_pack<kVec>(x + o + i),
-               ev = load_pack<kVec>(e + o + i);
-    Pack<scalar_t, kVec> a, b, d;
+    const auto pv = load_pack<kVec>(p + o + i);
+    const auto xv = load_pack<kVec>(x + o + i), ev = load_pack<kVec>(e + o + i);
+    Pack<p_t, kVec> a;
+    Pack<x_t, kVec> b, d;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t xs = xv.v[j], es = ev.v[j];
       const acc_t dps = k * (acc_t(pv.v[j]) - velocity_value(c, xs, es));
-      a.v[j] = scalar_t(dps);
-      b.v[j] = scalar_t(-(c.da * dps));
-      d.v[j] = scalar_t(-(c.db * dps));
+      a.v[j] = p_t(dps);
+      b.v[j] = x_t(-(c.da * dps));
+      d.v[j] = x_t(-(c.db * dps));
       s[0] -= dps * xs;  // du = -dpred
       s[1] -= dps * es;
     }
@@ -150,20 +152,23 @@ __global__ void __launch_bounds__(kThreads) velocity_mse_backward_kernel(
   double sums[2] = {s[0], s[1]};
   block_sum(sums);
   if (threadIdx.x == 0) {
-    partial[blockIdx.x * 2] = sums[0];
-    partial[blockIdx.x * 2 + 1] = sums[1];
+    partial[block * 2] = sums[0];
+    partial[block * 2 + 1] = sums[1];
   }
 }
 
-template <typename scalar_t, int kVec>
+// pred in p_t, target in q_t.
+template <typename p_t, typename q_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    mse_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ q,
-               double* __restrict__ partial, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t begin = blockIdx.x * chunk_size<kVec>(), end = min64(n, begin + chunk_size<kVec>());
+    mse_kernel(const p_t* __restrict__ p, const q_t* __restrict__ q, double* __restrict__ partial,
+               int64_t n) {
+  using acc_t = at::opmath_type<p_t>;
+  const int64_t block = blockIdx.x, begin = block * chunk_size<kVec>();
+  const int64_t end = min64(n, begin + chunk_size<kVec>());
   acc_t s = 0;
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
-    const auto pv = load_pack<kVec>(p + i), qv = load_pack<kVec>(q + i);
+    const auto pv = load_pack<kVec>(p + i);
+    const auto qv = load_pack<kVec>(q + i);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t r = acc_t(pv.v[j]) - acc_t(qv.v[j]);
@@ -172,25 +177,28 @@ __global__ void __launch_bounds__(kThreads)
   });
   double sums[1] = {s};
   block_sum(sums);
-  if (threadIdx.x == 0) partial[blockIdx.x] = sums[0];
+  if (threadIdx.x == 0) partial[block] = sums[0];
 }
 
-template <typename scalar_t, int kVec>
+template <typename p_t, typename q_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    mse_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ g,
-                        const scalar_t* __restrict__ p, const scalar_t* __restrict__ q,
-                        scalar_t* __restrict__ dp, scalar_t* __restrict__ dq, int64_t n) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t begin = blockIdx.x * chunk_size<kVec>(), end = min64(n, begin + chunk_size<kVec>());
+    mse_backward_kernel(const at::opmath_type<p_t>* __restrict__ g, const p_t* __restrict__ p,
+                        const q_t* __restrict__ q, p_t* __restrict__ dp, q_t* __restrict__ dq,
+                        int64_t n) {
+  using acc_t = at::opmath_type<p_t>;
+  const int64_t begin = int64_t(blockIdx.x) * chunk_size<kVec>();
+  const int64_t end = min64(n, begin + chunk_size<kVec>());
   const acc_t k = acc_t(2) * g[0] / acc_t(n);
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
-    const auto pv = load_pack<kVec>(p + i), qv = load_pack<kVec>(q + i);
-    Pack<scalar_t, kVec> a, b;
+    const auto pv = load_pack<kVec>(p + i);
+    const auto qv = load_pack<kVec>(q + i);
+    Pack<p_t, kVec> a;
+    Pack<q_t, kVec> b;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t d = k * (acc_t(pv.v[j]) - acc_t(qv.v[j]));
-      a.v[j] = scalar_t(d);
-      b.v[j] = scalar_t(-d);
+      a.v[j] = p_t(d);
+      b.v[j] = q_t(-d);
     }
     if (dp) store_pack<kVec>(dp + i, a);
     if (dq) store_pack<kVec>(dq + i, b);
@@ -207,15 +215,18 @@ __device__ __forceinline__ void row_sums(const double* partial, int64_t row, int
   }
 }
 
-// out[row] = (sum over the row) / n, in acc_t.
+// out[row] = (sum over the row's chunks) / n, in acc_t: one block per row,
+// each thread adding a strided share of the chunks, then a fixed-order block
+// sum, so that a long row (mse: one row of every block's partial) is summed in
+// parallel with the same bits on every run.
 template <typename acc_t>
-__global__ void mean_finalize_kernel(const double* partial, int64_t rows, int64_t chunks,
-                                     int64_t n, acc_t* out) {
-  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (row >= rows) return;
-  double s[1];
-  row_sums(partial, row, chunks, s);
-  out[row] = acc_t(s[0] / double(n));
+__global__ void __launch_bounds__(kThreads)
+    mean_finalize_kernel(const double* partial, int64_t chunks, int64_t n, acc_t* out) {
+  const int64_t row = blockIdx.x;
+  double s[1] = {0};
+  for (int64_t c = threadIdx.x; c < chunks; c += kThreads) s[0] += partial[row * chunks + c];
+  block_sum(s);
+  if (threadIdx.x == 0) out[row] = acc_t(s[0] / double(n));
 }
 
 // The gradient of t (or the coefficient table) from the per-row sums, in t's dtype.
@@ -261,6 +272,7 @@ std::tuple<Tensor, Tensor> interpolant(const Tensor& x_, const Tensor& noise_, c
     with_vec<scalar_t>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
       const int64_t chunks = chunks_for<kVec>(a.n);
+      check_grid("interpolant", a.rows * chunks);
       interpolant_kernel<scalar_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
           x, e, xt_p, ut_p, a.n, chunks, a.time);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -292,6 +304,7 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
     with_vec<scalar_t>(vec, [&](auto v) {
       constexpr int kVec = decltype(v)::value;
       const int64_t chunks = chunks_for<kVec>(a.n);
+      check_grid(op, a.rows * chunks);
       Tensor partial = at::empty({mask[2] ? a.rows * chunks * 4 : 0}, a.x.options().dtype(at::kDouble));
       double* partial_p = mask[2] ? partial.mutable_data_ptr<double>() : nullptr;
       interpolant_backward_kernel<scalar_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
@@ -306,94 +319,133 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
   return {dx, dn, dt};
 }
 
+// pred may have any float dtype (P); x and noise share theirs (X). With
+// float64 on one side only, the other is converted (see paired_with).
 Tensor velocity_mse(const Tensor& pred_, const Tensor& x_, const Tensor& noise_, const Tensor& t,
                     int64_t schedule) {
-  const SampleArgs a = sample_args("velocity_mse", x_, noise_, t, schedule, pred_);
+  constexpr const char* op = "velocity_mse";
+  const SampleArgs a = sample_args(op, x_, noise_, t, schedule, pred_);
   const c10::cuda::CUDAGuard guard(a.x.device());
-  Tensor loss = acc_empty({a.rows}, a.x);
+  const auto acc_type = loss_acc_type(a.x.scalar_type(), a.pred.scalar_type());
+  const Tensor pred = paired_with(a.pred, acc_type), x = paired_with(a.x, acc_type),
+               noise = paired_with(a.noise, acc_type);
+  Tensor loss = at::empty({a.rows}, x.options().dtype(acc_type));
   if (a.rows == 0) return loss;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "velocity_mse", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* p = a.pred.const_data_ptr<scalar_t>();
-    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
-    const bool vec = a.n % kVecOf<scalar_t> == 0 && aligned16({p, x, e});
-    with_vec<scalar_t>(vec, [&](auto v) {
+  with_loss_types(pred.scalar_type(), x.scalar_type(), [&](auto tp, auto tx) {
+    using p_t = typename decltype(tp)::type;
+    using x_t = typename decltype(tx)::type;
+    using acc_t = at::opmath_type<x_t>;
+    constexpr int kWide = kVecOfWidest<p_t, x_t>;
+    const p_t* p = pred.const_data_ptr<p_t>();
+    const x_t* xp = x.const_data_ptr<x_t>();
+    const x_t* e = noise.const_data_ptr<x_t>();
+    auto launch = [&](auto v) {
       constexpr int kVec = decltype(v)::value;
       const int64_t chunks = chunks_for<kVec>(a.n);
-      Tensor partial = at::empty({a.rows * chunks}, a.x.options().dtype(at::kDouble));
-      velocity_mse_kernel<scalar_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
-          p, x, e, partial.mutable_data_ptr<double>(), a.n, chunks, a.time);
+      check_grid(op, a.rows * chunks);
+      Tensor partial = at::empty({a.rows * chunks}, x.options().dtype(at::kDouble));
+      velocity_mse_kernel<p_t, x_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
+          p, xp, e, partial.mutable_data_ptr<double>(), a.n, chunks, a.time);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      mean_finalize_kernel<acc_t><<<finalize_blocks(a.rows), kThreads, 0, stream>>>(
-          partial.const_data_ptr<double>(), a.rows, chunks, a.n, loss.mutable_data_ptr<acc_t>());
+      mean_finalize_kernel<acc_t><<<a.rows, kThreads, 0, stream>>>(
+          partial.const_data_ptr<double>(), chunks, a.n, loss.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    };
+    if (a.n % kWide == 0 && packs_aligned<kWide>(p, xp, e)) {
+      launch(std::integral_constant<int, kWide>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
   });
   return loss;
 }
 
+// Gradients in each input's own dtype: dpred in P, dx and dnoise in X.
 std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
     const Tensor& grad_, const Tensor& pred_, const Tensor& x_, const Tensor& noise_,
     const Tensor& t, int64_t schedule, std::array<bool, 4> mask) {
   constexpr const char* op = "velocity_mse_backward";
   const SampleArgs a = sample_args(op, x_, noise_, t, schedule, pred_);
   const c10::cuda::CUDAGuard guard(a.x.device());
-  const Tensor grad = per_sample_grad(op, grad_, a.x);
-  Tensor dp = empty_if(mask[0], a.x), dx = empty_if(mask[1], a.x), dn = empty_if(mask[2], a.x);
+  const auto acc_type = loss_acc_type(a.x.scalar_type(), a.pred.scalar_type());
+  const Tensor grad = per_sample_grad(op, grad_, a.x, acc_type);
+  const Tensor pred = paired_with(a.pred, acc_type), x = paired_with(a.x, acc_type),
+               noise = paired_with(a.noise, acc_type);
+  Tensor dp = empty_if(mask[0], pred), dx = empty_if(mask[1], x), dn = empty_if(mask[2], x);
   Tensor dt = mask[3] ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
-  if (a.rows == 0) return {dp, dx, dn, dt};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* p = a.pred.const_data_ptr<scalar_t>();
-    const scalar_t* x = a.x.const_data_ptr<scalar_t>();
-    const scalar_t* e = a.noise.const_data_ptr<scalar_t>();
-    scalar_t* dp_p = out_ptr<scalar_t>(dp);
-    scalar_t* dx_p = out_ptr<scalar_t>(dx);
-    scalar_t* dn_p = out_ptr<scalar_t>(dn);
-    const bool vec = a.n % kVecOf<scalar_t> == 0 && aligned16({p, x, e, dp_p, dx_p, dn_p});
-    with_vec<scalar_t>(vec, [&](auto v) {
-      constexpr int kVec = decltype(v)::value;
-      const int64_t chunks = chunks_for<kVec>(a.n);
-      Tensor partial = at::empty({mask[3] ? a.rows * chunks * 2 : 0}, a.x.options().dtype(at::kDouble));
-      double* partial_p = mask[3] ? partial.mutable_data_ptr<double>() : nullptr;
-      velocity_mse_backward_kernel<scalar_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
-          grad.const_data_ptr<acc_t>(), grad.stride(0), p, x, e, dp_p, dx_p, dn_p, partial_p, a.n,
-          chunks, a.time);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (!mask[3]) return;
-      time_grad_finalize_kernel<2><<<finalize_blocks(a.rows), kThreads, 0, stream>>>(
-          partial_p, a.rows, chunks, a.time, dt.data_ptr());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a.rows > 0) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    with_loss_types(pred.scalar_type(), x.scalar_type(), [&](auto tp, auto tx) {
+      using p_t = typename decltype(tp)::type;
+      using x_t = typename decltype(tx)::type;
+      using acc_t = at::opmath_type<x_t>;
+      constexpr int kWide = kVecOfWidest<p_t, x_t>;
+      const p_t* p = pred.const_data_ptr<p_t>();
+      const x_t* xp = x.const_data_ptr<x_t>();
+      const x_t* e = noise.const_data_ptr<x_t>();
+      p_t* dp_p = out_ptr<p_t>(dp);
+      x_t* dx_p = out_ptr<x_t>(dx);
+      x_t* dn_p = out_ptr<x_t>(dn);
+      auto launch = [&](auto v) {
+        constexpr int kVec = decltype(v)::value;
+        const int64_t chunks = chunks_for<kVec>(a.n);
+        check_grid(op, a.rows * chunks);
+        Tensor partial = at::empty({mask[3] ? a.rows * chunks * 2 : 0}, x.options().dtype(at::kDouble));
+        double* partial_p = mask[3] ? partial.mutable_data_ptr<double>() : nullptr;
+        velocity_mse_backward_kernel<p_t, x_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
+            grad.const_data_ptr<acc_t>(), grad.stride(0), p, xp, e, dp_p, dx_p, dn_p, partial_p, a.n,
+            chunks, a.time);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (!mask[3]) return;
+        time_grad_finalize_kernel<2><<<finalize_blocks(a.rows), kThreads, 0, stream>>>(
+            partial_p, a.rows, chunks, a.time, dt.data_ptr());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (a.n % kWide == 0 && packs_aligned<kWide>(p, xp, e, dp_p, dx_p, dn_p)) {
+        launch(std::integral_constant<int, kWide>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
     });
-  });
-  return {dp, dx, dn, dt};
+  }
+  return {as_dtype(dp, a.pred), as_dtype(dx, a.x), as_dtype(dn, a.x), dt};
 }
 
+// pred (P) and target (Q) in any float dtypes.
 Tensor mse(const Tensor& pred_, const Tensor& target_) {
-  check_mse_args("mse", pred_, target_);
+  constexpr const char* op = "mse";
+  check_mse_args(op, pred_, target_);
   const c10::cuda::CUDAGuard guard(pred_.device());
-  const Tensor pred = pred_.contiguous(), target = target_.contiguous();
-  Tensor out = acc_empty({}, pred);
+  const auto acc_type = loss_acc_type(pred_.scalar_type(), target_.scalar_type());
+  const Tensor pred = paired_with(pred_, acc_type).contiguous();
+  const Tensor target = paired_with(target_, acc_type).contiguous();
+  Tensor out = at::empty({}, pred.options().dtype(acc_type));
   const int64_t n = pred.numel();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "mse", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* p = pred.const_data_ptr<scalar_t>();
-    const scalar_t* q = target.const_data_ptr<scalar_t>();
-    with_vec<scalar_t>(n % kVecOf<scalar_t> == 0 && aligned16({p, q}), [&](auto v) {
+  with_loss_types(pred.scalar_type(), target.scalar_type(), [&](auto tp, auto tq) {
+    using p_t = typename decltype(tp)::type;
+    using q_t = typename decltype(tq)::type;
+    using acc_t = at::opmath_type<p_t>;
+    constexpr int kWide = kVecOfWidest<p_t, q_t>;
+    const p_t* p = pred.const_data_ptr<p_t>();
+    const q_t* q = target.const_data_ptr<q_t>();
+    auto launch = [&](auto v) {
       constexpr int kVec = decltype(v)::value;
       const int64_t chunks = chunks_for<kVec>(n);
+      check_grid(op, chunks);
       Tensor partial = at::empty({chunks}, pred.options().dtype(at::kDouble));
-      mse_kernel<scalar_t, kVec><<<chunks, kThreads, 0, stream>>>(
-          p, q, partial.mutable_data_ptr<double>(), n);
+      mse_kernel<p_t, q_t, kVec><<<chunks, kThreads, 0, stream>>>(p, q, partial.mutable_data_ptr<double>(), n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      mean_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(
-          partial.const_data_ptr<double>(), 1, chunks, n, out.mutable_data_ptr<acc_t>());
+      mean_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), chunks, n,
+                                                              out.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    };
+    if (n % kWide == 0 && packs_aligned<kWide>(p, q)) {
+      launch(std::integral_constant<int, kWide>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
   });
   return out;
 }
@@ -402,27 +454,39 @@ std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad_, const Tensor& pred_
                                         const Tensor& target_, std::array<bool, 2> mask) {
   constexpr const char* op = "mse_backward";
   check_mse_args(op, pred_, target_);
-  const Tensor grad = scalar_grad(op, grad_, pred_);
+  const auto acc_type = loss_acc_type(pred_.scalar_type(), target_.scalar_type());
+  const Tensor grad = scalar_grad(op, grad_, pred_, acc_type);
   const c10::cuda::CUDAGuard guard(pred_.device());
-  const Tensor pred = pred_.contiguous(), target = target_.contiguous();
-  Tensor dp = empty_if(mask[0], pred), dq = empty_if(mask[1], pred);
+  const Tensor pred = paired_with(pred_, acc_type).contiguous();
+  const Tensor target = paired_with(target_, acc_type).contiguous();
+  Tensor dp = empty_if(mask[0], pred), dq = empty_if(mask[1], target);
   const int64_t n = pred.numel();
-  if (n == 0 || !(mask[0] || mask[1])) return {dp, dq};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* p = pred.const_data_ptr<scalar_t>();
-    const scalar_t* q = target.const_data_ptr<scalar_t>();
-    scalar_t* dp_p = out_ptr<scalar_t>(dp);
-    scalar_t* dq_p = out_ptr<scalar_t>(dq);
-    with_vec<scalar_t>(n % kVecOf<scalar_t> == 0 && aligned16({p, q, dp_p, dq_p}), [&](auto v) {
-      constexpr int kVec = decltype(v)::value;
-      mse_backward_kernel<scalar_t, kVec><<<chunks_for<kVec>(n), kThreads, 0, stream>>>(
-          grad.const_data_ptr<acc_t>(), p, q, dp_p, dq_p, n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (n > 0 && (mask[0] || mask[1])) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    with_loss_types(pred.scalar_type(), target.scalar_type(), [&](auto tp, auto tq) {
+      using p_t = typename decltype(tp)::type;
+      using q_t = typename decltype(tq)::type;
+      using acc_t = at::opmath_type<p_t>;
+      constexpr int kWide = kVecOfWidest<p_t, q_t>;
+      const p_t* p = pred.const_data_ptr<p_t>();
+      const q_t* q = target.const_data_ptr<q_t>();
+      p_t* dp_p = out_ptr<p_t>(dp);
+      q_t* dq_p = out_ptr<q_t>(dq);
+      auto launch = [&](auto v) {
+        constexpr int kVec = decltype(v)::value;
+        check_grid(op, chunks_for<kVec>(n));
+        mse_backward_kernel<p_t, q_t, kVec><<<chunks_for<kVec>(n), kThreads, 0, stream>>>(
+            grad.const_data_ptr<acc_t>(), p, q, dp_p, dq_p, n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (n % kWide == 0 && packs_aligned<kWide>(p, q, dp_p, dq_p)) {
+        launch(std::integral_constant<int, kWide>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
     });
-  });
-  return {dp, dq};
+  }
+  return {as_dtype(dp, pred_), as_dtype(dq, target_)};
 }
 
 }  // namespace

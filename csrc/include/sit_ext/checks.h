@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 
 #include "sit_ext/interpolant_math.h"
@@ -22,17 +23,23 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
               t.scalar_type());
 }
 
-// b must match a in shape, dtype and device.
-inline void check_like(const char* op, const char* name_a, const at::Tensor& a,
-                       const char* name_b, const at::Tensor& b) {
+// b must match a in shape and device (any float dtype).
+inline void check_shape_device(const char* op, const char* name_a, const at::Tensor& a,
+                               const char* name_b, const at::Tensor& b) {
   check_float(op, name_b, b);
   TORCH_CHECK(b.sizes() == a.sizes(), "sit_ext.", op, ": expected ", name_b,
               " to have the shape of ", name_a, " ", a.sizes(), ", got ", b.sizes());
+  TORCH_CHECK(b.device() == a.device(), "sit_ext.", op, ": expected ", name_b,
+              " on the device of ", name_a, " (", a.device(), "), got ", b.device());
+}
+
+// b must match a in shape, dtype and device.
+inline void check_like(const char* op, const char* name_a, const at::Tensor& a,
+                       const char* name_b, const at::Tensor& b) {
+  check_shape_device(op, name_a, a, name_b, b);
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), "sit_ext.", op, ": expected ", name_b,
               " to have the dtype of ", name_a, " (", a.scalar_type(), "), got ",
               b.scalar_type());
-  TORCH_CHECK(b.device() == a.device(), "sit_ext.", op, ": expected ", name_b,
-              " on the device of ", name_a, " (", a.device(), "), got ", b.device());
 }
 
 // A vector of per-sample values, shape [B] (or [B, 4] coefficients), on x's device.
@@ -87,7 +94,9 @@ inline int64_t per_sample_numel(const at::Tensor& x) {
 }
 
 // What the interpolant-family kernels need: contiguous [B, n] views of the
-// sample tensors and where to find each sample's coefficients.
+// sample tensors and where to find each sample's coefficients. pred (the loss
+// ops only) may have any float dtype: a model under autocast predicts in
+// bfloat16 while x and noise stay float32.
 struct SampleArgs {
   at::Tensor x, noise, pred;  // pred is undefined for the interpolant ops
   TimeArg time;
@@ -100,7 +109,7 @@ inline SampleArgs sample_args(const char* op, const at::Tensor& x, const at::Ten
   check_float(op, "x", x);
   TORCH_CHECK(x.dim() >= 1, "sit_ext.", op, ": expected x of shape [B, ...], got a 0-d tensor");
   check_like(op, "x", x, "noise", noise);
-  if (pred.defined()) check_like(op, "x", x, "pred", pred);
+  if (pred.defined()) check_shape_device(op, "x", x, "pred", pred);
   const TimeArg time = time_arg(op, t, schedule, x);
   return {x.contiguous(), noise.contiguous(), pred.defined() ? pred.contiguous() : pred,
           time, x.size(0), per_sample_numel(x)};
@@ -108,9 +117,10 @@ inline SampleArgs sample_args(const char* op, const at::Tensor& x, const at::Ten
 
 // An incoming gradient of per-sample values: shape [B], converted to the
 // accumulation dtype (strides are kept; kernels read it with its stride).
-inline at::Tensor per_sample_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+inline at::Tensor per_sample_grad(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                  at::ScalarType acc) {
   check_per_sample(op, "grad", grad, x);
-  return grad.to(at::toOpMathType(x.scalar_type()));
+  return grad.to(acc);
 }
 
 // An incoming gradient of a tensor output: same shape as x, made contiguous.
@@ -126,26 +136,68 @@ inline at::Tensor tensor_grad(const char* op, const char* name, const at::Tensor
 
 inline void check_mse_args(const char* op, const at::Tensor& pred, const at::Tensor& target) {
   check_float(op, "pred", pred);
-  check_like(op, "pred", pred, "target", target);
+  check_shape_device(op, "pred", pred, "target", target);
 }
 
-// The upstream gradient of a scalar loss, as a 1-element acc-dtype tensor.
-inline at::Tensor scalar_grad(const char* op, const at::Tensor& grad, const at::Tensor& pred) {
+// The kernels pair float64 only with float64 and take any pair of the other
+// float dtypes: with float64 on one side, the other side is converted.
+inline at::Tensor paired_with(const at::Tensor& v, at::ScalarType other) {
+  return other == at::kDouble && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
+}
+
+// A gradient computed for an input that paired_with converted, back in the
+// input's own dtype.
+inline at::Tensor as_dtype(const at::Tensor& grad, const at::Tensor& input) {
+  return grad.scalar_type() == input.scalar_type() ? grad : grad.to(input.scalar_type());
+}
+
+// The loss ops accumulate and return float32, or float64 when either side is.
+inline at::ScalarType loss_acc_type(at::ScalarType a, at::ScalarType b) {
+  return a == at::kDouble || b == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The upstream gradient of a scalar loss, as a 1-element tensor of dtype acc.
+inline at::Tensor scalar_grad(const char* op, const at::Tensor& grad, const at::Tensor& pred,
+                              at::ScalarType acc) {
   check_float(op, "grad", grad);
   TORCH_CHECK(grad.numel() == 1, "sit_ext.", op, ": expected a scalar grad, got shape ",
               grad.sizes());
   TORCH_CHECK(grad.device() == pred.device(), "sit_ext.", op, ": expected grad on ",
               pred.device(), ", got ", grad.device());
-  return grad.to(at::toOpMathType(pred.scalar_type())).contiguous();
+  return grad.to(acc).contiguous();
 }
 
 // ---- AdaLN-Zero family.
+//
+// dtypes: x (the residual stream, and x_out) in X; h, gate, shift and scale in
+// one dtype L, which is X, or bfloat16/float16 with float32 x (the autocast
+// configuration: the residual stream stays float32 while Linear outputs are
+// bfloat16); y in X or L. Per-sample gradients come back in L, dx in X, dh in L.
 
 // x (and h, when given) as contiguous [B, T, D] data; [B, D] counts as T = 1.
+// `low` is L once h or a modulation vector has been checked.
 struct AdalnArgs {
   at::Tensor x, h;
   int64_t batch, tokens, dim;
+  std::optional<at::ScalarType> low;
 };
+
+inline bool is_autocast_pair(at::ScalarType x, at::ScalarType low) {
+  return low == x || (x == at::kFloat && (low == at::kBFloat16 || low == at::kHalf));
+}
+
+// Records v's dtype as L, or checks it against the L already seen.
+inline void check_low_dtype(const char* op, const char* name, const at::Tensor& v, AdalnArgs& a) {
+  const at::ScalarType d = v.scalar_type(), x = a.x.scalar_type();
+  if (a.low.has_value()) {
+    TORCH_CHECK(d == *a.low, "sit_ext.", op, ": expected ", name, " in the dtype of ",
+                a.h.defined() ? "h" : "the other modulation vectors", " (", *a.low, "), got ", d);
+    return;
+  }
+  TORCH_CHECK(is_autocast_pair(x, d), "sit_ext.", op, ": expected ", name, " in x's dtype (", x,
+              ") or, with float32 x, in bfloat16 or float16; got ", d);
+  a.low = d;
+}
 
 inline AdalnArgs adaln_args(const char* op, const char* x_name, const at::Tensor& x,
                             const at::Tensor& h = at::Tensor()) {
@@ -154,25 +206,52 @@ inline AdalnArgs adaln_args(const char* op, const char* x_name, const at::Tensor
               " of shape [B, T, D] or [B, D], got ", x.sizes());
   TORCH_CHECK(x.size(-1) >= 1, "sit_ext.", op, ": expected D >= 1, got ", x_name, " of shape ",
               x.sizes());
-  if (h.defined()) check_like(op, x_name, x, "h", h);
-  return {x.contiguous(), h.defined() ? h.contiguous() : h, x.size(0),
-          x.dim() == 3 ? x.size(1) : 1, x.size(-1)};
+  AdalnArgs a{x.contiguous(), at::Tensor(), x.size(0), x.dim() == 3 ? x.size(1) : 1, x.size(-1),
+              std::nullopt};
+  if (h.defined()) {
+    check_shape_device(op, x_name, x, "h", h);
+    check_low_dtype(op, "h", h, a);
+    a.h = h.contiguous();
+  }
+  return a;
+}
+
+// An op that needs h refuses an undefined one (None passed for a Tensor).
+inline AdalnArgs adaln_args_with_h(const char* op, const char* x_name, const at::Tensor& x,
+                                   const at::Tensor& h) {
+  TORCH_CHECK(h.defined(), "sit_ext.", op, ": h is undefined (expected a tensor like ", x_name, ")");
+  return adaln_args(op, x_name, x, h);
 }
 
 // A per-sample modulation vector (shift, scale, gate): [B, D] with inner stride
 // 1, used in place whatever its outer stride (chunk(6, dim=1) views work).
-inline void check_modulation(const char* op, const char* name, const at::Tensor& v,
-                             const AdalnArgs& a) {
+inline void check_modulation(const char* op, const char* name, const at::Tensor& v, AdalnArgs& a) {
   check_float(op, name, v);
   TORCH_CHECK(v.dim() == 2 && v.size(0) == a.batch && v.size(1) == a.dim, "sit_ext.", op,
               ": expected ", name, " of shape [", a.batch, ", ", a.dim, "], got ", v.sizes());
-  TORCH_CHECK(v.scalar_type() == a.x.scalar_type(), "sit_ext.", op, ": expected ", name,
-              " to have the dtype of x (", a.x.scalar_type(), "), got ", v.scalar_type());
+  check_low_dtype(op, name, v, a);
   TORCH_CHECK(v.device() == a.x.device(), "sit_ext.", op, ": expected ", name, " on ",
               a.x.device(), ", got ", v.device());
   TORCH_CHECK(v.stride(1) == 1 || a.dim == 1, "sit_ext.", op, ": expected ", name,
               " to have inner stride 1 (a [B, D] view with contiguous rows), got strides ",
               v.strides());
+}
+
+// The dtype of y (named `name`): X or L.
+inline at::ScalarType y_dtype(const char* op, const char* name,
+                              std::optional<at::ScalarType> dtype, const AdalnArgs& a) {
+  const at::ScalarType x = a.x.scalar_type(), low = a.low.value_or(x);
+  const at::ScalarType y = dtype.value_or(x);
+  TORCH_CHECK(y == x || y == low, "sit_ext.", op, ": expected ", name, " in x's dtype (", x,
+              ") or the modulation's (", low, "), got ", y);
+  return y;
+}
+
+// The incoming gradient of y: y's shape and device, in X or L, made contiguous.
+inline at::Tensor grad_y_arg(const char* op, const at::Tensor& grad_y, const AdalnArgs& a) {
+  check_shape_device(op, a.h.defined() ? "x_out" : "x", a.x, "grad_y", grad_y);
+  y_dtype(op, "grad_y", grad_y.scalar_type(), a);
+  return grad_y.contiguous();
 }
 
 // The saved row statistics: shape x.shape[:-1], float32 (float64 for float64).
@@ -206,9 +285,10 @@ inline at::Tensor stats_empty(const at::Tensor& x) {
   return acc_empty(x.sizes().slice(0, x.dim() - 1), x);
 }
 
-// A [B, D] per-sample gradient, or an empty tensor when not asked for.
+// A [B, D] per-sample gradient in L, or an empty tensor when not asked for.
 inline at::Tensor per_sample_empty(bool needed, const AdalnArgs& a) {
-  return needed ? at::empty({a.batch, a.dim}, a.x.options()) : at::empty({0}, a.x.options());
+  const auto options = a.x.options().dtype(a.low.value_or(a.x.scalar_type()));
+  return needed ? at::empty({a.batch, a.dim}, options) : at::empty({0}, options);
 }
 
 // Data pointers for kernels: null for an undefined or empty tensor (an input

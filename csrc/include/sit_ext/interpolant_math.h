@@ -149,6 +149,13 @@ C10_HOST_DEVICE inline int time_grad_size(const TimeArg& ta) {
   return ta.schedule == kCoefficients ? 4 : 1;
 }
 
+// c * s, where an s of exactly 0 (the gradient of an output that was not used)
+// contributes 0 even where c is infinite (a schedule's derivative at t = 0).
+template <typename T>
+C10_HOST_DEVICE inline T times_sum(T c, T s) {
+  return s == T(0) ? T(0) : c * s;
+}
+
 // Interpolant backward, per sample. The kernels sum, over the sample,
 //   s0 = gx*x, s1 = gx*eps, s2 = gu*x, s3 = gu*eps,
 // which are the gradients of (a, b, a', b'). Writes into g sample b's gradient
@@ -160,7 +167,7 @@ C10_HOST_DEVICE inline void interpolant_time_grad(const TimeArg& ta, int64_t b, 
     return;
   }
   const Coef<T> c = sample_coef<T>(ta, b);
-  g[0] = c.da * s[0] + c.db * s[1] + c.dda * s[2] + c.ddb * s[3];
+  g[0] = times_sum(c.da, s[0]) + times_sum(c.db, s[1]) + times_sum(c.dda, s[2]) + times_sum(c.ddb, s[3]);
 }
 
 // Velocity MSE: residual r = pred - u_t; the loss averages r^2 over the sample.
@@ -177,7 +184,7 @@ C10_HOST_DEVICE inline void velocity_mse_time_grad(const TimeArg& ta, int64_t b,
     return;
   }
   const Coef<T> c = sample_coef<T>(ta, b);
-  g[0] = c.dda * s[0] + c.ddb * s[1];
+  g[0] = times_sum(c.dda, s[0]) + times_sum(c.ddb, s[1]);
 }
 
 }  // namespace sit_ext

@@ -49,10 +49,15 @@ $PY bench/ptxas_report.py "$BUILD_LOG" >"$PREFIX-ptxas.txt"
 STATUS[ptxas]=$?
 tail -n 4 "$PREFIX-ptxas.txt"
 $PY -m sit_ext info || { echo "build failed"; tail -n 40 "$BUILD_LOG"; exit 1; }
+nm -D --defined-only sit_ext/_C*.so 2>/dev/null | grep -qw __cxa_throw && echo "WARNING: a static libstdc++ is inside sit_ext/_C"
+
+step "error paths (C++ exceptions reach Python, CPU and CUDA)"
+timeout 60 $PY -m pytest tests -q -p no:cacheprovider -k "bad_input or dtype_rules" 2>&1 | tail -n 3
+STATUS[errors]=$?
 
 step "CUDA tests"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout 150 $PY -m pytest tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$PREFIX-tests.xml" 2>&1 | tail -n 25
+timeout 120 $PY -m pytest tests -m cuda -q -p no:cacheprovider $XDIST --junitxml="$PREFIX-tests.xml" 2>&1 | tail -n 25
 STATUS[tests]=$?
 
 for tool in memcheck racecheck initcheck; do
@@ -63,7 +68,7 @@ for tool in memcheck racecheck initcheck; do
     continue
   fi
   OUT_LOG=$(mktemp)
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 9 \
     $PY bench/sanitize_ops.py >"$OUT_LOG" 2>&1
   rc=$?
   tail -n 6 "$OUT_LOG"
@@ -83,18 +88,18 @@ STATUS[bench]=$?
 step "model benchmarks"
 MODEL_FLAGS="--no-compile"
 [ "${COMPILE:-0}" = 1 ] && MODEL_FLAGS=""
-timeout 240 $PY bench/run.py --device cuda --models --batch 32 --profile $MODEL_FLAGS --out "$PREFIX-models.json" 2>&1 \
+timeout 120 $PY bench/run.py --device cuda --models --batch 32 --profile $MODEL_FLAGS --out "$PREFIX-models.json" 2>&1 \
   | tail -n 50
 STATUS[models]=$?
 
 step "summary"
-$PY - "$PREFIX" "${STATUS[build]}" "${STATUS[ptxas]}" "${STATUS[tests]}" "${STATUS[memcheck]}" \
+$PY - "$PREFIX" "${STATUS[build]}" "${STATUS[ptxas]}" "${STATUS[errors]}" "${STATUS[tests]}" "${STATUS[memcheck]}" \
   "${STATUS[racecheck]}" "${STATUS[initcheck]}" "${STATUS[bench]}" "${STATUS[models]}" <<'PY'
 import json, os, sys, torch
 from sit_ext.benchmark import machine_info
-prefix, build, ptxas, tests, memcheck, racecheck, initcheck, bench, models = sys.argv[1:]
+prefix, build, ptxas, errors, tests, memcheck, racecheck, initcheck, bench, models = sys.argv[1:]
 summary = {**machine_info(torch.device("cuda")), "cxx": os.environ.get("CXX", ""),
-           "build_exit": build, "ptxas_report_exit": ptxas, "tests_exit": tests,
+           "build_exit": build, "ptxas_report_exit": ptxas, "error_paths_exit": errors, "tests_exit": tests,
            "memcheck": memcheck, "racecheck": racecheck, "initcheck": initcheck,
            "bench_exit": bench, "models_exit": models,
            "files": [os.path.basename(prefix) + s for s in

@@ -117,33 +117,9 @@ def extension():
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 
-def links_static_libstdcxx(linker):
-    """Whether this link command puts a static libstdc++ into a shared object
-    (a g++ wrapper, specs file or LDFLAGS that adds -static-libstdc++). The
-    extension would then carry a second C++ runtime beside torch's; on one CUDA
-    image that made every error message (TORCH_CHECK) a segfault."""
-    try:
-        out = subprocess.run([*linker, "-###", "-x", "c++", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    for line in (out.stderr + out.stdout).splitlines():
-        if "collect2" not in line and not re.search(r"(^|/)ld(\.\w+)?\"?\s", line.strip()):
-            continue
-        static = False
-        for token in shlex.split(line):
-            if token in ("-Bstatic", "-dn", "-non_shared"):
-                static = True
-            elif token in ("-Bdynamic", "-dy", "-call_shared"):
-                static = False
-            elif (token == "-lstdc++" and static) or token.endswith("libstdc++.a"):
-                return True
-    return False
-
-
-def exported_cxx_runtime(path):
-    """Whether the built library defines the C++ runtime itself (a static
-    libstdc++ inside), as `nm` sees it; False where nm is missing."""
+def static_cxx_runtime(path):
+    """Whether the built library holds its own copy of the C++ runtime (it
+    defines __cxa_throw), as nm sees it; False where nm is missing."""
     nm = shutil.which("nm")
     if nm is None:
         return False
@@ -152,23 +128,26 @@ def exported_cxx_runtime(path):
 
 
 class Build(BuildExtension):
-    """torch's extension builder, linking the C++ runtime dynamically whatever
-    the compiler wrapper prefers."""
+    """torch's extension builder, making sure the extension links the shared
+    C++ runtime. A linker that brings a static libstdc++ (a wrapper adding
+    -static-libstdc++, or a toolchain whose library path holds only
+    libstdc++.a, as on one CUDA image) would put a second C++ runtime beside
+    torch's, and there every error message (TORCH_CHECK) was a segfault. Such
+    a build is linked again against libstdc++.so.6, and refused if that fails."""
 
     def build_extension(self, ext):
-        linker = list(self.compiler.linker_so)
-        if getattr(self.compiler, "compiler_cxx", None):
-            linker[0] = self.compiler.compiler_cxx[0]  # as distutils links C++
-        if links_static_libstdcxx(linker):
-            print(f"sit_ext: {linker[0]} links libstdc++ statically; linking the shared libstdc++.so.6 instead")
-            ext.extra_link_args = [*ext.extra_link_args, "-l:libstdc++.so.6"]
         super().build_extension(ext)
         built = self.get_ext_fullpath(ext.name)
-        if exported_cxx_runtime(built):
+        if not static_cxx_runtime(built):
+            return
+        print("sit_ext: the linker put a static libstdc++ into the extension; linking the shared one instead")
+        os.remove(built)
+        ext.extra_link_args = [*ext.extra_link_args, "-l:libstdc++.so.6"]
+        super().build_extension(ext)
+        if static_cxx_runtime(built):
             os.remove(built)
-            sys.exit(f"sit_ext: {built} holds a static copy of libstdc++ (the linker {linker[0]} adds it), "
-                     "which crashes at the first error message; build with CXX=g++ or a linker without "
-                     "-static-libstdc++")
+            sys.exit(f"sit_ext: {built} still holds a static libstdc++; build with CXX=g++ or a toolchain "
+                     "that links the shared libstdc++.so.6")
 
 
 setup(

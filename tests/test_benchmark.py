@@ -314,3 +314,12 @@ def test_run_models_batches_profile_and_budget(tmp_path, monkeypatch, capsys):
     result = benchmark.run_models("cpu", ["SiT-tiny"], [1, 2], compile_=False, out=str(out), budget=0,
                                   log=lambda s: None)
     assert result["results"] == [] and result["skipped"] == 4 == json.loads(out.read_text())["skipped"]
+
+
+def test_compiled_namespace_compiles_each_function():
+    """The "compiled" AdaLN variant must be torch.compile'd functions, not the eager ones."""
+    compiled = benchmark._compiled(benchmark._AdaLNReference)
+    for name in ("ln_modulate", "gated_residual_ln_modulate", "gated_residual"):
+        fn = getattr(compiled, name)
+        assert fn is not getattr(benchmark._AdaLNReference, name)
+        assert getattr(fn, "_torchdynamo_orig_callable", None) is getattr(benchmark._AdaLNReference, name)

@@ -296,3 +296,42 @@ def test_double_backward_refused(device, name):
     first, = torch.autograd.grad(out.square().sum(), h if name == "gated_residual" else x, create_graph=True)
     with pytest.raises(RuntimeError, match="second-order gradients"):
         first.sum().backward()
+
+
+class _Shifted:
+    """ln_modulate with the row's first element subtracted first: the same
+    function of x (LayerNorm ignores a per-row constant), the same gradient,
+    and in float64 an accurate reference also for float64 rows far from zero."""
+
+    @staticmethod
+    def ln_modulate(x, shift, scale, out_dtype=None):
+        return ref.ln_modulate(x - x[..., :1], shift, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mean, dim", [(1e4, 768), (1e3, 1152)], ids=["1e4", "1e3"])
+def test_rows_with_a_large_mean(device, dtype, mean, dim):
+    """LayerNorm of rows far from zero (mean + 1e-2 noise), values and
+    gradients, stays within the bound of eager PyTorch at the same precision."""
+    x = mean + 1e-2 * torch.randn(2, 8, dim, dtype=dtype, device=device)
+    shift, scale, gate = modulation(2, dim, dtype, device, chunked=True)
+    upstream = [torch.randn(2, 8, dim, dtype=dtype, device=device)]
+
+    def run(impl, dtype_=None):
+        return run_op(impl, "ln_modulate", *leaves(x, x, shift, scale, gate, dtype=dtype_), upstream)
+
+    fused, eager, exact = run(ops), run(ref), run(_Shifted, torch.float64)
+    for i, (f, e, r) in enumerate(zip(fused, eager, exact)):
+        assert_close_to_ref(f, e, r, ATOL[dtype], f"ln_modulate result {i}")
+
+
+def test_constant_rows_and_zero_eps(device):
+    """A constant row normalises to exactly 0, so y is exactly shift; with
+    eps = 0 it is NaN, as in eager PyTorch."""
+    x = torch.full((2, 3, 40), 0.1, device=device)
+    x[1] = -7.3
+    shift, scale, _ = modulation(2, 40, torch.float32, device, chunked=True)
+    y = ops.ln_modulate(x, shift, scale)
+    assert torch.equal(y, shift[:, None].expand_as(y))
+    assert torch.isnan(ops.ln_modulate(x, shift, scale, eps=0.0)).all()
+    assert torch.isnan(ref.ln_modulate(x, shift, scale, eps=0.0)).all()

@@ -271,6 +271,13 @@ class SiT(nn.Module):
 
     def _build_backbone(self, hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob,
                         out_features, fused):
+        for name, value in (("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
+            raise ValueError(f"num_classes must be None or an integer >= 0, got {num_classes!r}")
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes = num_classes
         self.fused = fused
@@ -386,8 +393,13 @@ class SiT(nn.Module):
         be the null class; the output is uncond + cfg_scale (cond - uncond) in
         both halves. Guidance covers all channels, or only the first
         cfg_channels (cfg_channels=3 reproduces the official sampler)."""
+        if len(x) % 2:
+            raise ValueError(f"forward_with_cfg: expected an even batch (conditional and unconditional halves), "
+                             f"got {len(x)}")
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)
+        if cfg_channels is not None and not 1 <= cfg_channels <= out.shape[1]:
+            raise ValueError(f"cfg_channels must be in [1, {out.shape[1]}] (the output's channels), got {cfg_channels}")
         k = out.shape[1] if cfg_channels is None else cfg_channels
         guided, rest = out[:, :k], out[:, k:]
         cond, uncond = guided.split(len(guided) // 2, dim=0)

@@ -49,6 +49,17 @@ LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 Field = Callable[[Tensor, Tensor], Tensor]
 
 
+def _interval_arg(name: str, interval) -> tuple[float, float]:
+    """(lo, hi) with 0 <= lo <= hi <= 1: a reversed interval would silently select nothing."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (lo, hi), got {interval!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= lo <= hi <= 1, got {interval!r}")
+    return lo, hi
+
+
 def _choose(name: str, value, options) -> None:
     if value not in options:
         raise ValueError(f"unknown {name} {value!r}: expected one of {list(options)}")
@@ -221,6 +232,7 @@ class Transport:
         cfg_scale != 1: conditional and unconditional halves in one batch, mixed
         as uncond + scale (cond - uncond) for t in cfg_interval (cond elsewhere)."""
         kwargs = dict(model_kwargs or {})
+        lo, hi = _interval_arg("cfg_interval", cfg_interval)
         if cfg_scale == 1.0:
             return lambda x, t: self.call_model(model, x, t, kwargs)
         y = kwargs.pop("y", None)
@@ -230,7 +242,6 @@ class Transport:
             null_label = getattr(model, "num_classes", None)
             if null_label is None:
                 raise ValueError("classifier-free guidance needs null_label= (the model has no num_classes)")
-        lo, hi = cfg_interval
         both_y = torch.cat([y, torch.full_like(y, null_label)])
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
@@ -308,6 +319,10 @@ class Transport:
         _choose("last_step", last_step, LAST_STEPS)
         if num_steps < 2:
             raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+        if not diffusion_norm >= 0:
+            raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
+        if last_step is not None and not 0 < last_step_size < 1:
+            raise ValueError(f"last_step_size must be in (0, 1) with a last step, got {last_step_size}")
         output_fn = self._guided(model, model_kwargs, cfg_scale, cfg_interval, null_label)
 
         def drift(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -351,6 +366,10 @@ class Transport:
         for up to 16 dimensions) or Hutchinson's estimate with `num_probes`
         Rademacher probes. Also returns bits_per_dim = -log p / (D ln 2) and the
         prior term."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
         field = self._velocity_field(self._guided(model, model_kwargs, 1.0, (0.0, 1.0), None))
         dims = x[0].numel()
         exact = dims <= 16 if exact is None else exact

@@ -243,6 +243,24 @@ def test_compile_fullgraph(device):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs, name", [({"depth": -1}, "depth"), ({"depth": 0}, "depth"),
+                                          ({"class_dropout_prob": 1.5}, "class_dropout_prob"),
+                                          ({"num_classes": -3}, "num_classes"), ({"num_heads": 0}, "num_heads"),
+                                          ({"hidden_size": 0}, "hidden_size")])
+def test_bad_constructor_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SiT(**(dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4) | kwargs))
+
+
+def test_forward_with_cfg_bad_input():
+    model = image_model()
+    x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.tensor([1, 2, 10, 10])
+    with pytest.raises(ValueError, match="cfg_channels"):
+        model.forward_with_cfg(x, t, y, 2.0, cfg_channels=9)
+    with pytest.raises(ValueError, match="even batch"):
+        model.forward_with_cfg(x[:3], t[:3], y[:3], 2.0)
+
+
 def test_bad_input():
     model = image_model()
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])

@@ -289,3 +289,24 @@ def test_bad_input():
         transport.sample_sde(model, noise(4), last_step="Median")
     with pytest.raises(ValueError, match="labels"):
         transport.sample_ode(model, noise(4), cfg_scale=2.0)
+
+
+def test_misuse_that_would_give_a_wrong_number():
+    """Settings that once ran and returned only the prior, NaN samples, or no
+    guidance at all now name the argument."""
+    transport = Transport()
+    model = GaussianField(transport.schedule, "velocity")
+    x = noise(8)
+    with pytest.raises(ValueError, match="num_steps"):
+        transport.log_likelihood(model, x, num_steps=0)
+    with pytest.raises(ValueError, match="num_probes"):
+        transport.log_likelihood(model, x, exact=False, num_probes=0)
+    with pytest.raises(ValueError, match="diffusion_norm"):
+        transport.sample_sde(model, x, num_steps=3, diffusion_norm=-1.0)
+    for size in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="last_step_size"):
+            transport.sample_sde(model, x, num_steps=3, last_step_size=size)
+    for interval in ((0.8, 0.2), (0.0, 1.5), (0.5,)):
+        with pytest.raises(ValueError, match="cfg_interval"):
+            transport.sample_ode(model, x, num_steps=2, cfg_scale=2.0, cfg_interval=interval,
+                                 model_kwargs={"y": torch.zeros(8, dtype=torch.long)}, null_label=1)

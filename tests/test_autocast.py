@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_zero_init
 
 import sit_ext
 from sit_ext.models import SiT
@@ -14,16 +15,6 @@ from sit_ext.transport import Transport
 
 PATHS = ["linear", "cosine", "vp"]
 PREDICTIONS = ["velocity", "noise", "score"]
-
-
-def randomized(model):
-    """Non-zero adaLN and final layers, so that every block does real work."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
 
 
 def model_and_data(kind):
@@ -35,7 +26,7 @@ def model_and_data(kind):
     else:
         model = sit_ext.build(5, hidden_size=32, num_layers=2, num_heads=4)
         x, kwargs = torch.randn(6, 3, 5), {}
-    return randomized(model), x, kwargs
+    return randomize_zero_init(model), x, kwargs
 
 
 def rel_diff(a, b):

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_zero_init
 
 from sit_ext import ops
 from sit_ext.models import SiT
@@ -19,11 +20,7 @@ def small_model():
     torch.manual_seed(0)
     model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
                 class_dropout_prob=0.0, learn_sigma=False)
-    with torch.no_grad():  # non-zero adaLN and final layers: every block does real work
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer" in name:
-                p.normal_(0, 0.05)
-    return model.cuda()
+    return randomize_zero_init(model).cuda()
 
 
 def batch(seed):

@@ -7,20 +7,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_zero_init
 
 import sit_ext
 from sit_ext.models import SiT, SiT_models, get_2d_sincos_pos_embed
-
-
-def randomize_zero_init(model):
-    """adaLN-Zero starts every block as the identity; give the zeroed layers
-    weights so that fused and unfused paths are compared on real work."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
 
 
 def image_model(**kw):

@@ -191,32 +191,20 @@ void forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, const 
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x_, const Tensor& shift,
+std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x, const Tensor& shift,
                                                const Tensor& scale, double eps,
                                                std::optional<at::ScalarType> out_dtype) {
-  constexpr const char* op = "ln_modulate";
-  AdalnArgs a = adaln_args(op, "x", x_);
-  check_modulation(op, "shift", shift, a);
-  check_modulation(op, "scale", scale, a);
-  Tensor y = at::empty_like(a.x, a.x.options().dtype(y_dtype(op, "out_dtype", out_dtype, a)));
-  Tensor mean = stats_empty(a.x), rstd = stats_empty(a.x), none;
-  forward(a, Tensor(), shift, scale, eps, none, y, mean, rstd);
-  return {y, mean, rstd};
+  AdalnForward f = adaln_forward_args("ln_modulate", false, x, Tensor(), Tensor(), shift, scale, out_dtype);
+  forward(f.a, Tensor(), shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
+  return {f.y, f.mean, f.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate(
-    const Tensor& x_, const Tensor& h_, const Tensor& gate, const Tensor& shift,
+    const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift,
     const Tensor& scale, double eps, std::optional<at::ScalarType> out_dtype) {
-  constexpr const char* op = "gated_residual_ln_modulate";
-  AdalnArgs a = adaln_args_with_h(op, "x", x_, h_);
-  check_modulation(op, "gate", gate, a);
-  check_modulation(op, "shift", shift, a);
-  check_modulation(op, "scale", scale, a);
-  Tensor x_out = at::empty_like(a.x);
-  Tensor y = at::empty_like(a.x, a.x.options().dtype(y_dtype(op, "out_dtype", out_dtype, a)));
-  Tensor mean = stats_empty(a.x), rstd = stats_empty(a.x);
-  forward(a, gate, shift, scale, eps, x_out, y, mean, rstd);
-  return {x_out, y, mean, rstd};
+  AdalnForward f = adaln_forward_args("gated_residual_ln_modulate", true, x, h, gate, shift, scale, out_dtype);
+  forward(f.a, gate, shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
+  return {f.x_out, f.y, f.mean, f.rstd};
 }
 
 Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {
@@ -356,38 +344,22 @@ void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Ten
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y,
-                                                        const Tensor& x_, const Tensor& scale,
-                                                        const Tensor& mean, const Tensor& rstd,
-                                                        std::array<bool, 3> mask) {
-  constexpr const char* op = "ln_modulate_backward";
-  AdalnArgs a = adaln_args(op, "x", x_);
-  check_modulation(op, "scale", scale, a);
-  const Tensor dy = grad_y_arg(op, grad_y, a);
-  check_stats(op, mean, rstd, x_);
-  Tensor dx = empty_if(mask[0], a.x), dshift = per_sample_empty(mask[1], a),
-         dscale = per_sample_empty(mask[2], a), dh, dgate = per_sample_empty(false, a);
-  backward(a, dy, Tensor(), Tensor(), scale, mean, rstd, dx, dh, dgate, dshift, dscale);
-  return {dx, dshift, dscale};
+std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y, const Tensor& x,
+                                                        const Tensor& scale, const Tensor& mean,
+                                                        const Tensor& rstd, std::array<bool, 3> mask) {
+  AdalnBackward g = ln_modulate_backward_args("ln_modulate_backward", grad_y, x, scale, mean, rstd, mask);
+  backward(g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
+  return {g.dx, g.dshift, g.dscale};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_backward(
-    const std::optional<Tensor>& grad_x_out, const Tensor& grad_y, const Tensor& x_out_,
-    const Tensor& h_, const Tensor& gate, const Tensor& scale, const Tensor& mean,
+    const std::optional<Tensor>& grad_x_out, const Tensor& grad_y, const Tensor& x_out,
+    const Tensor& h, const Tensor& gate, const Tensor& scale, const Tensor& mean,
     const Tensor& rstd, std::array<bool, 5> mask) {
-  constexpr const char* op = "gated_residual_ln_modulate_backward";
-  AdalnArgs a = adaln_args_with_h(op, "x_out", x_out_, h_);
-  check_modulation(op, "gate", gate, a);
-  check_modulation(op, "scale", scale, a);
-  const Tensor dy = grad_y_arg(op, grad_y, a);
-  if (grad_x_out.has_value()) check_like(op, "x_out", x_out_, "grad_x_out", *grad_x_out);
-  check_stats(op, mean, rstd, x_out_);
-  const Tensor dxo = grad_x_out.has_value() ? grad_x_out->contiguous() : Tensor();
-  Tensor dx = empty_if(mask[0], a.x), dh = empty_if(mask[1], a.h),
-         dgate = per_sample_empty(mask[2], a), dshift = per_sample_empty(mask[3], a),
-         dscale = per_sample_empty(mask[4], a);
-  backward(a, dy, dxo, gate, scale, mean, rstd, dx, dh, dgate, dshift, dscale);
-  return {dx, dh, dgate, dshift, dscale};
+  AdalnBackward g = gated_residual_ln_modulate_backward_args("gated_residual_ln_modulate_backward", grad_x_out,
+                                                             grad_y, x_out, h, gate, scale, mean, rstd, mask);
+  backward(g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
+  return {g.dx, g.dh, g.dgate, g.dshift, g.dscale};
 }
 
 std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Tensor& h_,

@@ -338,39 +338,26 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y, const Tensor& x_,
+std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y, const Tensor& x,
                                                         const Tensor& scale, const Tensor& mean,
                                                         const Tensor& rstd, std::array<bool, 3> mask) {
   constexpr const char* op = "ln_modulate_backward";
-  AdalnArgs a = adaln_args(op, "x", x_);
-  check_modulation(op, "scale", scale, a);
-  const Tensor dy = grad_y_arg(op, grad_y, a);
-  check_stats(op, mean, rstd, x_);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  Tensor dx = empty_if(mask[0], a.x), dshift = per_sample_empty(mask[1], a),
-         dscale = per_sample_empty(mask[2], a), dh, dgate = per_sample_empty(false, a);
-  adaln_backward(op, a, dy, Tensor(), Tensor(), scale, mean, rstd, dx, dh, dgate, dshift, dscale);
-  return {dx, dshift, dscale};
+  AdalnBackward g = ln_modulate_backward_args(op, grad_y, x, scale, mean, rstd, mask);
+  const c10::cuda::CUDAGuard guard(g.a.x.device());
+  adaln_backward(op, g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
+  return {g.dx, g.dshift, g.dscale};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_backward(
-    const std::optional<Tensor>& grad_x_out, const Tensor& grad_y, const Tensor& x_out_,
-    const Tensor& h_, const Tensor& gate, const Tensor& scale, const Tensor& mean,
+    const std::optional<Tensor>& grad_x_out, const Tensor& grad_y, const Tensor& x_out,
+    const Tensor& h, const Tensor& gate, const Tensor& scale, const Tensor& mean,
     const Tensor& rstd, std::array<bool, 5> mask) {
   constexpr const char* op = "gated_residual_ln_modulate_backward";
-  AdalnArgs a = adaln_args_with_h(op, "x_out", x_out_, h_);
-  check_modulation(op, "gate", gate, a);
-  check_modulation(op, "scale", scale, a);
-  const Tensor dy = grad_y_arg(op, grad_y, a);
-  if (grad_x_out.has_value()) check_like(op, "x_out", x_out_, "grad_x_out", *grad_x_out);
-  check_stats(op, mean, rstd, x_out_);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  Tensor dx = empty_if(mask[0], a.x), dh = empty_if(mask[1], a.h),
-         dgate = per_sample_empty(mask[2], a), dshift = per_sample_empty(mask[3], a),
-         dscale = per_sample_empty(mask[4], a);
-  adaln_backward(op, a, dy, grad_x_out.has_value() ? grad_x_out->contiguous() : Tensor(), gate, scale, mean,
-                 rstd, dx, dh, dgate, dshift, dscale);
-  return {dx, dh, dgate, dshift, dscale};
+  AdalnBackward g = gated_residual_ln_modulate_backward_args(op, grad_x_out, grad_y, x_out, h, gate, scale,
+                                                             mean, rstd, mask);
+  const c10::cuda::CUDAGuard guard(g.a.x.device());
+  adaln_backward(op, g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
+  return {g.dx, g.dh, g.dgate, g.dshift, g.dscale};
 }
 
 std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Tensor& h_,

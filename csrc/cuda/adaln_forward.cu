@@ -233,34 +233,24 @@ void adaln_forward(const char* op, const AdalnArgs& a, const Tensor& gate, const
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x_, const Tensor& shift,
+std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x, const Tensor& shift,
                                                const Tensor& scale, double eps,
                                                std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "ln_modulate";
-  AdalnArgs a = adaln_args(op, "x", x_);
-  check_modulation(op, "shift", shift, a);
-  check_modulation(op, "scale", scale, a);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  Tensor y = at::empty_like(a.x, a.x.options().dtype(y_dtype(op, "out_dtype", out_dtype, a)));
-  Tensor mean = stats_empty(a.x), rstd = stats_empty(a.x), none;
-  adaln_forward(op, a, Tensor(), shift, scale, eps, none, y, mean, rstd);
-  return {y, mean, rstd};
+  AdalnForward f = adaln_forward_args(op, false, x, Tensor(), Tensor(), shift, scale, out_dtype);
+  const c10::cuda::CUDAGuard guard(f.a.x.device());
+  adaln_forward(op, f.a, Tensor(), shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
+  return {f.y, f.mean, f.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate(
-    const Tensor& x_, const Tensor& h_, const Tensor& gate, const Tensor& shift,
+    const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift,
     const Tensor& scale, double eps, std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "gated_residual_ln_modulate";
-  AdalnArgs a = adaln_args_with_h(op, "x", x_, h_);
-  check_modulation(op, "gate", gate, a);
-  check_modulation(op, "shift", shift, a);
-  check_modulation(op, "scale", scale, a);
-  const c10::cuda::CUDAGuard guard(a.x.device());
-  Tensor x_out = at::empty_like(a.x);
-  Tensor y = at::empty_like(a.x, a.x.options().dtype(y_dtype(op, "out_dtype", out_dtype, a)));
-  Tensor mean = stats_empty(a.x), rstd = stats_empty(a.x);
-  adaln_forward(op, a, gate, shift, scale, eps, x_out, y, mean, rstd);
-  return {x_out, y, mean, rstd};
+  AdalnForward f = adaln_forward_args(op, true, x, h, gate, shift, scale, out_dtype);
+  const c10::cuda::CUDAGuard guard(f.a.x.device());
+  adaln_forward(op, f.a, gate, shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
+  return {f.x_out, f.y, f.mean, f.rstd};
 }
 
 Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {

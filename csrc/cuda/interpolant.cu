@@ -324,11 +324,10 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
 Tensor velocity_mse(const Tensor& pred_, const Tensor& x_, const Tensor& noise_, const Tensor& t,
                     int64_t schedule) {
   constexpr const char* op = "velocity_mse";
-  const SampleArgs a = sample_args(op, x_, noise_, t, schedule, pred_);
+  const LossArgs a = loss_args(op, pred_, x_, noise_, t, schedule);
   const c10::cuda::CUDAGuard guard(a.x.device());
-  const auto acc_type = loss_acc_type(a.x.scalar_type(), a.pred.scalar_type());
-  const Tensor pred = paired_with(a.pred, acc_type), x = paired_with(a.x, acc_type),
-               noise = paired_with(a.noise, acc_type);
+  const auto acc_type = a.acc;
+  const Tensor &pred = a.pred, &x = a.x, &noise = a.noise;
   Tensor loss = at::empty({a.rows}, x.options().dtype(acc_type));
   if (a.rows == 0) return loss;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -366,12 +365,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
     const Tensor& grad_, const Tensor& pred_, const Tensor& x_, const Tensor& noise_,
     const Tensor& t, int64_t schedule, std::array<bool, 4> mask) {
   constexpr const char* op = "velocity_mse_backward";
-  const SampleArgs a = sample_args(op, x_, noise_, t, schedule, pred_);
+  const LossArgs a = loss_args(op, pred_, x_, noise_, t, schedule);
   const c10::cuda::CUDAGuard guard(a.x.device());
-  const auto acc_type = loss_acc_type(a.x.scalar_type(), a.pred.scalar_type());
+  const auto acc_type = a.acc;
   const Tensor grad = per_sample_grad(op, grad_, a.x, acc_type);
-  const Tensor pred = paired_with(a.pred, acc_type), x = paired_with(a.x, acc_type),
-               noise = paired_with(a.noise, acc_type);
+  const Tensor &pred = a.pred, &x = a.x, &noise = a.noise;
   Tensor dp = empty_if(mask[0], pred), dx = empty_if(mask[1], x), dn = empty_if(mask[2], x);
   Tensor dt = mask[3] ? at::empty(t.sizes(), t.options()) : at::empty({0}, t.options());
   if (a.rows > 0) {
@@ -409,7 +407,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
       }
     });
   }
-  return {as_dtype(dp, a.pred), as_dtype(dx, a.x), as_dtype(dn, a.x), dt};
+  return {as_dtype(dp, a.pred_dtype), as_dtype(dx, a.x_dtype), as_dtype(dn, a.x_dtype), dt};
 }
 
 // pred (P) and target (Q) in any float dtypes.
@@ -486,7 +484,7 @@ std::tuple<Tensor, Tensor> mse_backward(const Tensor& grad_, const Tensor& pred_
       }
     });
   }
-  return {as_dtype(dp, pred_), as_dtype(dq, target_)};
+  return {as_dtype(dp, pred_.scalar_type()), as_dtype(dq, target_.scalar_type())};
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <string>
 
@@ -115,6 +116,41 @@ inline SampleArgs sample_args(const char* op, const at::Tensor& x, const at::Ten
           time, x.size(0), per_sample_numel(x)};
 }
 
+// The kernels pair float64 only with float64 and take any pair of the other
+// float dtypes: with float64 on one side, the other side is converted.
+inline at::Tensor paired_with(const at::Tensor& v, at::ScalarType other) {
+  return other == at::kDouble && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
+}
+
+// A gradient computed for an input that paired_with converted, back in the
+// input's own dtype.
+inline at::Tensor as_dtype(const at::Tensor& grad, at::ScalarType dtype) {
+  return grad.scalar_type() == dtype ? grad : grad.to(dtype);
+}
+
+// The loss ops accumulate and return float32, or float64 when either side is.
+inline at::ScalarType loss_acc_type(at::ScalarType a, at::ScalarType b) {
+  return a == at::kDouble || b == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The velocity-MSE arguments, with pred, x and noise in dtypes the kernels
+// pair, the accumulation dtype, and the dtypes the gradients go back in.
+struct LossArgs : SampleArgs {
+  at::ScalarType acc, pred_dtype, x_dtype;
+};
+
+inline LossArgs loss_args(const char* op, const at::Tensor& pred, const at::Tensor& x,
+                          const at::Tensor& noise, const at::Tensor& t, int64_t schedule) {
+  LossArgs a{sample_args(op, x, noise, t, schedule, pred)};
+  a.pred_dtype = a.pred.scalar_type();
+  a.x_dtype = a.x.scalar_type();
+  a.acc = loss_acc_type(a.x_dtype, a.pred_dtype);
+  a.pred = paired_with(a.pred, a.acc);
+  a.x = paired_with(a.x, a.acc);
+  a.noise = paired_with(a.noise, a.acc);
+  return a;
+}
+
 // An incoming gradient of per-sample values: shape [B], converted to the
 // accumulation dtype (strides are kept; kernels read it with its stride).
 inline at::Tensor per_sample_grad(const char* op, const at::Tensor& grad, const at::Tensor& x,
@@ -137,23 +173,6 @@ inline at::Tensor tensor_grad(const char* op, const char* name, const at::Tensor
 inline void check_mse_args(const char* op, const at::Tensor& pred, const at::Tensor& target) {
   check_float(op, "pred", pred);
   check_shape_device(op, "pred", pred, "target", target);
-}
-
-// The kernels pair float64 only with float64 and take any pair of the other
-// float dtypes: with float64 on one side, the other side is converted.
-inline at::Tensor paired_with(const at::Tensor& v, at::ScalarType other) {
-  return other == at::kDouble && v.scalar_type() != at::kDouble ? v.to(at::kDouble) : v;
-}
-
-// A gradient computed for an input that paired_with converted, back in the
-// input's own dtype.
-inline at::Tensor as_dtype(const at::Tensor& grad, const at::Tensor& input) {
-  return grad.scalar_type() == input.scalar_type() ? grad : grad.to(input.scalar_type());
-}
-
-// The loss ops accumulate and return float32, or float64 when either side is.
-inline at::ScalarType loss_acc_type(at::ScalarType a, at::ScalarType b) {
-  return a == at::kDouble || b == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // The upstream gradient of a scalar loss, as a 1-element tensor of dtype acc.
@@ -300,6 +319,72 @@ const T* in_ptr(const at::Tensor& t) {
 template <typename T>
 T* out_ptr(at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// ---- AdaLN op front ends: the checked arguments and the allocated outputs,
+// shared by the CPU and CUDA implementations.
+
+struct AdalnForward {
+  AdalnArgs a;
+  at::Tensor x_out, y, mean, rstd;  // x_out is undefined without the residual
+};
+
+// ln_modulate (residual = false) or gated_residual_ln_modulate.
+inline AdalnForward adaln_forward_args(const char* op, bool residual, const at::Tensor& x,
+                                       const at::Tensor& h, const at::Tensor& gate,
+                                       const at::Tensor& shift, const at::Tensor& scale,
+                                       std::optional<at::ScalarType> out_dtype) {
+  AdalnForward f{residual ? adaln_args_with_h(op, "x", x, h) : adaln_args(op, "x", x)};
+  if (residual) check_modulation(op, "gate", gate, f.a);
+  check_modulation(op, "shift", shift, f.a);
+  check_modulation(op, "scale", scale, f.a);
+  if (residual) f.x_out = at::empty_like(f.a.x);
+  f.y = at::empty_like(f.a.x, f.a.x.options().dtype(y_dtype(op, "out_dtype", out_dtype, f.a)));
+  f.mean = stats_empty(f.a.x);
+  f.rstd = stats_empty(f.a.x);
+  return f;
+}
+
+struct AdalnBackward {
+  AdalnArgs a;
+  at::Tensor dy, dxo;                        // contiguous; dxo undefined when not given
+  at::Tensor dx, dh, dgate, dshift, dscale;  // empty when not asked for
+};
+
+inline AdalnBackward ln_modulate_backward_args(const char* op, const at::Tensor& grad_y,
+                                               const at::Tensor& x, const at::Tensor& scale,
+                                               const at::Tensor& mean, const at::Tensor& rstd,
+                                               std::array<bool, 3> mask) {
+  AdalnBackward g{adaln_args(op, "x", x)};
+  check_modulation(op, "scale", scale, g.a);
+  g.dy = grad_y_arg(op, grad_y, g.a);
+  check_stats(op, mean, rstd, x);
+  g.dx = empty_if(mask[0], g.a.x);
+  g.dshift = per_sample_empty(mask[1], g.a);
+  g.dscale = per_sample_empty(mask[2], g.a);
+  g.dgate = per_sample_empty(false, g.a);
+  return g;
+}
+
+inline AdalnBackward gated_residual_ln_modulate_backward_args(
+    const char* op, const std::optional<at::Tensor>& grad_x_out, const at::Tensor& grad_y,
+    const at::Tensor& x_out, const at::Tensor& h, const at::Tensor& gate, const at::Tensor& scale,
+    const at::Tensor& mean, const at::Tensor& rstd, std::array<bool, 5> mask) {
+  AdalnBackward g{adaln_args_with_h(op, "x_out", x_out, h)};
+  check_modulation(op, "gate", gate, g.a);
+  check_modulation(op, "scale", scale, g.a);
+  g.dy = grad_y_arg(op, grad_y, g.a);
+  if (grad_x_out.has_value()) {
+    check_like(op, "x_out", x_out, "grad_x_out", *grad_x_out);
+    g.dxo = grad_x_out->contiguous();
+  }
+  check_stats(op, mean, rstd, x_out);
+  g.dx = empty_if(mask[0], g.a.x);
+  g.dh = empty_if(mask[1], g.a.h);
+  g.dgate = per_sample_empty(mask[2], g.a);
+  g.dshift = per_sample_empty(mask[3], g.a);
+  g.dscale = per_sample_empty(mask[4], g.a);
+  return g;
 }
 
 }  // namespace sit_ext

@@ -20,9 +20,8 @@ namespace {
 // JSON, parsed by sit_ext.build_info(). Which backends have kernels is asked of
 // the dispatcher at run time, not recorded here.
 std::string build_info() {
-  return std::string("{\"torch_version\": \"") + TORCH_VERSION +
-         "\", \"cuda_archs\": \"" + SIT_EXT_CUDA_ARCHS + "\", \"cpu_capability\": \"" +
-         SIT_EXT_CPU_CAPABILITY + "\"}";
+  return std::string("{\"torch_version\": \"") + TORCH_VERSION + "\", \"cuda_archs\": \"" +
+         SIT_EXT_CUDA_ARCHS + "\", \"cpu_capability\": \"" + SIT_EXT_CPU_CAPABILITY + "\"}";
 }
 
 }  // namespace
@@ -50,7 +49,9 @@ TORCH_LIBRARY(sit_ext, m) {
   // Mean of (pred - target)^2 over all elements, as a 0-d fp32 (fp64) tensor;
   // pred and target in any float dtypes.
   m.def("mse(Tensor pred, Tensor target) -> Tensor");
-  m.def("mse_backward(Tensor grad, Tensor pred, Tensor target, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "mse_backward(Tensor grad, Tensor pred, Tensor target, bool[2] output_mask) -> (Tensor, "
+      "Tensor)");
 
   // ---- AdaLN-Zero family. x, h: [B, T, D] or [B, D]; shift, scale, gate: [B, D],
   // inner stride 1, any outer stride (the views chunk(6, dim=1) makes). LayerNorm

@@ -110,15 +110,15 @@ void accumulate(acc_t* acc, int64_t i, const Vec& v) {
 
 // x_out = x + gate h (when h is given), then y = LN(x_out) (1 + scale) + shift.
 template <typename x_t, typename l_t, typename y_t>
-void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift,
-                   const Tensor& scale, double eps, Tensor& x_out, Tensor& y, Tensor& mean,
-                   Tensor& rstd) {
+void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, const Tensor& scale,
+                   double eps, Tensor& x_out, Tensor& y, Tensor& mean, Tensor& rstd) {
   using X = VecIO<x_t>;
   using L = VecIO<l_t>;
   using Y = VecIO<y_t>;
   using acc_t = typename X::acc_t;
   using Vec = typename X::Vec;
-  static_assert(std::is_same_v<acc_t, typename L::acc_t> && std::is_same_v<acc_t, typename Y::acc_t>);
+  static_assert(std::is_same_v<acc_t, typename L::acc_t> &&
+                std::is_same_v<acc_t, typename Y::acc_t>);
   const int64_t D = a.dim, T = a.tokens;
   const bool residual = a.h.defined();
   const x_t* x = a.x.const_data_ptr<x_t>();
@@ -141,7 +141,8 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift,
         row_for<acc_t>(
             D,
             [&](int64_t i) {
-              X::store(xo + i, gated_residual_value(X::load(src + i), L::load(g + i), L::load(hr + i)));
+              X::store(xo + i,
+                       gated_residual_value(X::load(src + i), L::load(g + i), L::load(hr + i)));
             },
             [&](int64_t i) {
               xo[i] = x_t(gated_residual_value(acc_t(src[i]), acc_t(g[i]), acc_t(hr[i])));
@@ -172,7 +173,8 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift,
       row_for<acc_t>(
           D,
           [&](int64_t i) {
-            Y::store(yr + i, modulate_value((X::load(src + i) - mu_v) * rs_v, L::load(sh + i), L::load(sc + i)));
+            Y::store(yr + i, modulate_value((X::load(src + i) - mu_v) * rs_v, L::load(sh + i),
+                                            L::load(sc + i)));
           },
           [&](int64_t i) {
             yr[i] = y_t(modulate_value((acc_t(src[i]) - mu) * rs, acc_t(sh[i]), acc_t(sc[i])));
@@ -186,23 +188,25 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift,
 void forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, const Tensor& scale,
              double eps, Tensor& x_out, Tensor& y, Tensor& mean, Tensor& rstd) {
   with_adaln_types(a.x.scalar_type(), *a.low, y.scalar_type(), [&](auto tx, auto tl, auto ty) {
-    adaln_forward<typename decltype(tx)::type, typename decltype(tl)::type, typename decltype(ty)::type>(
-        a, gate, shift, scale, eps, x_out, y, mean, rstd);
+    adaln_forward<typename decltype(tx)::type, typename decltype(tl)::type,
+                  typename decltype(ty)::type>(a, gate, shift, scale, eps, x_out, y, mean, rstd);
   });
 }
 
 std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x, const Tensor& shift,
                                                const Tensor& scale, double eps,
                                                std::optional<at::ScalarType> out_dtype) {
-  AdalnForward f = adaln_forward_args("ln_modulate", false, x, Tensor(), Tensor(), shift, scale, out_dtype);
+  AdalnForward f =
+      adaln_forward_args("ln_modulate", false, x, Tensor(), Tensor(), shift, scale, out_dtype);
   forward(f.a, Tensor(), shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
   return {f.y, f.mean, f.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate(
-    const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift,
-    const Tensor& scale, double eps, std::optional<at::ScalarType> out_dtype) {
-  AdalnForward f = adaln_forward_args("gated_residual_ln_modulate", true, x, h, gate, shift, scale, out_dtype);
+    const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift, const Tensor& scale,
+    double eps, std::optional<at::ScalarType> out_dtype) {
+  AdalnForward f =
+      adaln_forward_args("gated_residual_ln_modulate", true, x, h, gate, shift, scale, out_dtype);
   forward(f.a, gate, shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
   return {f.x_out, f.y, f.mean, f.rstd};
 }
@@ -230,7 +234,8 @@ Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {
         row_for<acc_t>(
             D,
             [&](int64_t i) {
-              X::store(orow + i, gated_residual_value(X::load(xr + i), L::load(gr + i), L::load(hr + i)));
+              X::store(orow + i,
+                       gated_residual_value(X::load(xr + i), L::load(gr + i), L::load(hr + i)));
             },
             [&](int64_t i) {
               orow[i] = x_t(gated_residual_value(acc_t(xr[i]), acc_t(gr[i]), acc_t(hr[i])));
@@ -254,9 +259,8 @@ struct RowGrads {
 
 template <typename x_t, typename l_t, typename y_t>
 void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const x_t* dxo,
-                        const l_t* h, const l_t* gate, const l_t* scale,
-                        at::opmath_type<x_t> mu, at::opmath_type<x_t> rs, x_t* dx, l_t* dh,
-                        at::opmath_type<x_t>* acc) {
+                        const l_t* h, const l_t* gate, const l_t* scale, at::opmath_type<x_t> mu,
+                        at::opmath_type<x_t> rs, x_t* dx, l_t* dh, at::opmath_type<x_t>* acc) {
   using X = VecIO<x_t>;
   using L = VecIO<l_t>;
   using Y = VecIO<y_t>;
@@ -264,10 +268,11 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
   using Vec = typename X::Vec;
   const int64_t D = rg.dim;
   const Vec mu_v(mu), rs_v(rs), one(1);
-  const acc_t a = acc_t(row_total<acc_t>(
-                            D, [&](int64_t i) { return Y::load(dy + i) * (one + L::load(scale + i)); },
-                            [&](int64_t i) { return acc_t(dy[i]) * (acc_t(1) + acc_t(scale[i])); }) /
-                        double(D));
+  const acc_t a =
+      acc_t(row_total<acc_t>(
+                D, [&](int64_t i) { return Y::load(dy + i) * (one + L::load(scale + i)); },
+                [&](int64_t i) { return acc_t(dy[i]) * (acc_t(1) + acc_t(scale[i])); }) /
+            double(D));
   const acc_t c = acc_t(row_total<acc_t>(
                             D,
                             [&](int64_t i) {
@@ -325,7 +330,8 @@ void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Ten
     const x_t* xo = a.x.const_data_ptr<x_t>();
     const y_t* dy_p = dy.const_data_ptr<y_t>();
     const x_t* dxo_p = in_ptr<x_t>(dxo);
-    const l_t *h = in_ptr<l_t>(a.h), *gate_p = in_ptr<l_t>(gate), *scale_p = scale.const_data_ptr<l_t>();
+    const l_t *h = in_ptr<l_t>(a.h), *gate_p = in_ptr<l_t>(gate),
+              *scale_p = scale.const_data_ptr<l_t>();
     const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
     x_t* dx_p = out_ptr<x_t>(dx);
     l_t* dh_p = out_ptr<l_t>(dh);
@@ -335,10 +341,10 @@ void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Ten
         [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
           for (int64_t r = lo; r < hi; ++r) {
             const int64_t o = r * D;
-            adaln_backward_row<x_t, l_t, y_t>(rg, xo + o, dy_p + o, dxo_p ? dxo_p + o : nullptr,
-                                              h ? h + o : nullptr, gate_p ? gate_p + b * gs : nullptr,
-                                              scale_p + b * cs, mean_p[r], rstd_p[r],
-                                              dx_p ? dx_p + o : nullptr, dh_p ? dh_p + o : nullptr, acc);
+            adaln_backward_row<x_t, l_t, y_t>(
+                rg, xo + o, dy_p + o, dxo_p ? dxo_p + o : nullptr, h ? h + o : nullptr,
+                gate_p ? gate_p + b * gs : nullptr, scale_p + b * cs, mean_p[r], rstd_p[r],
+                dx_p ? dx_p + o : nullptr, dh_p ? dh_p + o : nullptr, acc);
           }
         });
   });
@@ -346,9 +352,12 @@ void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Ten
 
 std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y, const Tensor& x,
                                                         const Tensor& scale, const Tensor& mean,
-                                                        const Tensor& rstd, std::array<bool, 3> mask) {
-  AdalnBackward g = ln_modulate_backward_args("ln_modulate_backward", grad_y, x, scale, mean, rstd, mask);
-  backward(g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
+                                                        const Tensor& rstd,
+                                                        std::array<bool, 3> mask) {
+  AdalnBackward g =
+      ln_modulate_backward_args("ln_modulate_backward", grad_y, x, scale, mean, rstd, mask);
+  backward(g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift,
+           g.dscale);
   return {g.dx, g.dshift, g.dscale};
 }
 
@@ -356,15 +365,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_ba
     const std::optional<Tensor>& grad_x_out, const Tensor& grad_y, const Tensor& x_out,
     const Tensor& h, const Tensor& gate, const Tensor& scale, const Tensor& mean,
     const Tensor& rstd, std::array<bool, 5> mask) {
-  AdalnBackward g = gated_residual_ln_modulate_backward_args("gated_residual_ln_modulate_backward", grad_x_out,
-                                                             grad_y, x_out, h, gate, scale, mean, rstd, mask);
+  AdalnBackward g =
+      gated_residual_ln_modulate_backward_args("gated_residual_ln_modulate_backward", grad_x_out,
+                                               grad_y, x_out, h, gate, scale, mean, rstd, mask);
   backward(g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
   return {g.dx, g.dh, g.dgate, g.dshift, g.dscale};
 }
 
 std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Tensor& h_,
-                                                   const Tensor& gate,
-                                                   std::array<bool, 2> mask) {
+                                                   const Tensor& gate, std::array<bool, 2> mask) {
   constexpr const char* op = "gated_residual_backward";
   AdalnArgs a = adaln_args_with_h(op, "grad", grad_, h_);
   check_modulation(op, "gate", gate, a);
@@ -379,27 +388,26 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Te
     const x_t* g = a.x.const_data_ptr<x_t>();
     const l_t *h = a.h.const_data_ptr<l_t>(), *gate_p = gate.const_data_ptr<l_t>();
     l_t* dh_p = out_ptr<l_t>(dh);
-    column_sums<1, l_t>(
-        a.batch, a.tokens, D, {out_ptr<l_t>(dgate)},
-        [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
-          const l_t* gr = gate_p + b * gs;
-          for (int64_t r = lo; r < hi; ++r) {
-            const x_t* gg = g + r * D;
-            const l_t* hr = h + r * D;
-            l_t* dhr = dh_p ? dh_p + r * D : nullptr;
-            row_for<acc_t>(
-                D,
-                [&](int64_t i) {
-                  const auto gv = X::load(gg + i);
-                  if (dhr) L::store(dhr + i, L::load(gr + i) * gv);
-                  if (mask[1]) accumulate(acc, i, gv * L::load(hr + i));
-                },
-                [&](int64_t i) {
-                  if (dhr) dhr[i] = l_t(acc_t(gr[i]) * acc_t(gg[i]));
-                  if (mask[1]) acc[i] += acc_t(gg[i]) * acc_t(hr[i]);
-                });
-          }
-        });
+    column_sums<1, l_t>(a.batch, a.tokens, D, {out_ptr<l_t>(dgate)},
+                        [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
+                          const l_t* gr = gate_p + b * gs;
+                          for (int64_t r = lo; r < hi; ++r) {
+                            const x_t* gg = g + r * D;
+                            const l_t* hr = h + r * D;
+                            l_t* dhr = dh_p ? dh_p + r * D : nullptr;
+                            row_for<acc_t>(
+                                D,
+                                [&](int64_t i) {
+                                  const auto gv = X::load(gg + i);
+                                  if (dhr) L::store(dhr + i, L::load(gr + i) * gv);
+                                  if (mask[1]) accumulate(acc, i, gv * L::load(hr + i));
+                                },
+                                [&](int64_t i) {
+                                  if (dhr) dhr[i] = l_t(acc_t(gr[i]) * acc_t(gg[i]));
+                                  if (mask[1]) acc[i] += acc_t(gg[i]) * acc_t(hr[i]);
+                                });
+                          }
+                        });
   });
   return {dh, dgate};
 }

@@ -63,9 +63,11 @@ std::tuple<Tensor, Tensor> interpolant(const Tensor& x_, const Tensor& noise_, c
   return {xt, ut};
 }
 
-std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
-    const std::optional<Tensor>& grad_xt, const std::optional<Tensor>& grad_ut, const Tensor& x_,
-    const Tensor& noise_, const Tensor& t, int64_t schedule, std::array<bool, 3> mask) {
+std::tuple<Tensor, Tensor, Tensor> interpolant_backward(const std::optional<Tensor>& grad_xt,
+                                                        const std::optional<Tensor>& grad_ut,
+                                                        const Tensor& x_, const Tensor& noise_,
+                                                        const Tensor& t, int64_t schedule,
+                                                        std::array<bool, 3> mask) {
   constexpr const char* op = "interpolant_backward";
   const SampleArgs a = sample_args(op, x_, noise_, t, schedule);
   const Tensor gx_t = tensor_grad(op, "grad_xt", grad_xt.value_or(Tensor()), a.x);
@@ -151,22 +153,24 @@ Tensor velocity_mse(const Tensor& pred_, const Tensor& x_, const Tensor& noise_,
     const x_t* xp = x.const_data_ptr<x_t>();
     const x_t* e = noise.const_data_ptr<x_t>();
     std::vector<double> sums(a.rows);
-    for_each_chunk<1>(a.rows, a.n, sums.data(), [&](int64_t row, int64_t i, int64_t end, double* sum) {
-      const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
-      const auto cv = broadcast(c);
-      const int64_t o = row * a.n;
-      WideSum<acc_t> s;
-      for (; i + XIO::kSize <= end; i += XIO::kSize) {
-        const Vec r = PIO::load(p + o + i) - velocity_value(cv, XIO::load(xp + o + i), XIO::load(e + o + i));
-        s.add_product(r, r);
-      }
-      double tail = 0;
-      for (; i < end; ++i) {
-        const double r = acc_t(p[o + i]) - velocity_value(c, acc_t(xp[o + i]), acc_t(e[o + i]));
-        tail += r * r;
-      }
-      sum[0] += s.total() + tail;
-    });
+    for_each_chunk<1>(
+        a.rows, a.n, sums.data(), [&](int64_t row, int64_t i, int64_t end, double* sum) {
+          const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
+          const auto cv = broadcast(c);
+          const int64_t o = row * a.n;
+          WideSum<acc_t> s;
+          for (; i + XIO::kSize <= end; i += XIO::kSize) {
+            const Vec r = PIO::load(p + o + i) -
+                          velocity_value(cv, XIO::load(xp + o + i), XIO::load(e + o + i));
+            s.add_product(r, r);
+          }
+          double tail = 0;
+          for (; i < end; ++i) {
+            const double r = acc_t(p[o + i]) - velocity_value(c, acc_t(xp[o + i]), acc_t(e[o + i]));
+            tail += r * r;
+          }
+          sum[0] += s.total() + tail;
+        });
     acc_t* out = loss.mutable_data_ptr<acc_t>();
     for (int64_t b = 0; b < a.rows; ++b) out[b] = acc_t(sums[b] / double(a.n));
   });

@@ -57,14 +57,16 @@ struct ModArgs {
 template <typename l_t>
 ModArgs<l_t> mod_args(const at::Tensor& gate, const at::Tensor& shift, const at::Tensor& scale) {
   auto stride = [](const at::Tensor& t) { return t.defined() ? t.stride(0) : int64_t(0); };
-  return {in_ptr<l_t>(gate), in_ptr<l_t>(shift), in_ptr<l_t>(scale), stride(gate), stride(shift), stride(scale)};
+  return {in_ptr<l_t>(gate), in_ptr<l_t>(shift), in_ptr<l_t>(scale),
+          stride(gate),      stride(shift),      stride(scale)};
 }
 
 // Whether packs of kVec fit D, every pointer and every modulation row stride.
 template <int kVec, typename l_t, typename... Ts>
 bool packs_fit(int64_t dim, const ModArgs<l_t>& mod, const Ts*... ptrs) {
   return dim % kVec == 0 && mod.gate_stride % kVec == 0 && mod.shift_stride % kVec == 0 &&
-         mod.scale_stride % kVec == 0 && packs_aligned<kVec>(mod.gate, mod.shift, mod.scale, ptrs...);
+         mod.scale_stride % kVec == 0 &&
+         packs_aligned<kVec>(mod.gate, mod.shift, mod.scale, ptrs...);
 }
 
 // Threads for a resident row of D elements, kPerThread per thread in packs of

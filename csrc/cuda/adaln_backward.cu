@@ -41,8 +41,8 @@ struct BackwardArgs {
 // Writes the chunk's column sums acc[q] (q: dshift, dscale, dgate) of this
 // thread's columns [col, col + kVec).
 template <int kVec, typename acc_t, typename Args>
-__device__ __forceinline__ void store_partial(const Args& a, int64_t block, int64_t dim, int64_t col,
-                                              const acc_t (&acc)[3][kVec]) {
+__device__ __forceinline__ void store_partial(const Args& a, int64_t block, int64_t dim,
+                                              int64_t col, const acc_t (&acc)[3][kVec]) {
   acc_t* out = a.partial + block * 3 * dim + col;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
@@ -56,13 +56,14 @@ __device__ __forceinline__ void store_partial(const Args& a, int64_t block, int6
 // registers for occupancy and spilling: seen at 32 and 64 registers.)
 template <typename x_t, typename l_t, typename y_t, int kVec, bool kResidual>
 __global__ void __launch_bounds__(kBackwardThreads, 1)
-    adaln_backward_kernel(BackwardArgs<x_t, l_t, y_t> a, ModArgs<l_t> mod, int64_t tokens, int64_t dim,
-                          int64_t chunk_rows, int64_t chunks) {
+    adaln_backward_kernel(BackwardArgs<x_t, l_t, y_t> a, ModArgs<l_t> mod, int64_t tokens,
+                          int64_t dim, int64_t chunk_rows, int64_t chunks) {
   using acc_t = at::opmath_type<x_t>;
   constexpr int kPacks = kBackwardElems<kVec> / kVec;
   const int64_t block = blockIdx.x, packs = dim / kVec, b = blockIdx.x / uint32_t(chunks);
   const int64_t chunk = blockIdx.x % uint32_t(chunks);
-  const int64_t first = b * tokens + chunk * chunk_rows, last = b * tokens + min64(tokens, (chunk + 1) * chunk_rows);
+  const int64_t first = b * tokens + chunk * chunk_rows,
+                last = b * tokens + min64(tokens, (chunk + 1) * chunk_rows);
   // LayerNorm over a single element is constant: no gradient reaches x.
   const acc_t ln_on = dim == 1 ? acc_t(0) : acc_t(1);
   acc_t acc[kPacks][3][kVec] = {};
@@ -111,7 +112,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
       }
     }
     block_allreduce(sums);
-    const acc_t rs_dx = rs * ln_on, mean_dxhat = sums[0] / acc_t(dim), mean_dxhat_xhat = sums[1] / acc_t(dim);
+    const acc_t rs_dx = rs * ln_on, mean_dxhat = sums[0] / acc_t(dim),
+                mean_dxhat_xhat = sums[1] / acc_t(dim);
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       const int64_t p = threadIdx.x + int64_t(k) * blockDim.x;
@@ -124,7 +126,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
         const acc_t dyj = dyv[k][j], xh = xhat[k][j];
         acc[k][0][j] += dyj;
         acc[k][1][j] += dyj * xh;
-        acc_t total = layer_norm_grad(dyj * one_plus_scale[k][j], xh, mean_dxhat, mean_dxhat_xhat, rs_dx);
+        acc_t total =
+            layer_norm_grad(dyj * one_plus_scale[k][j], xh, mean_dxhat, mean_dxhat_xhat, rs_dx);
         if (a.dxo) total += acc_t(dxo[k].v[j]);
         out_dx.v[j] = x_t(total);
         if constexpr (kResidual) {
@@ -148,8 +151,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
 // stats[row, 0..1], with dxhat = dy (1 + scale). One block per row.
 template <typename x_t, typename l_t, typename y_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    row_grad_stats_kernel(BackwardArgs<x_t, l_t, y_t> a, ModArgs<l_t> mod, int64_t tokens, int64_t dim,
-                          at::opmath_type<x_t>* __restrict__ stats) {
+    row_grad_stats_kernel(BackwardArgs<x_t, l_t, y_t> a, ModArgs<l_t> mod, int64_t tokens,
+                          int64_t dim, at::opmath_type<x_t>* __restrict__ stats) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t row = blockIdx.x, b = row / tokens, packs = dim / kVec;
   const acc_t mu = a.mean[row], rs = a.rstd[row];
@@ -185,7 +188,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t b = block / uint32_t(chunks), col = (int64_t(tile) * kThreads + threadIdx.x) * kVec;
   if (col >= dim) return;
   const int64_t chunk = block % uint32_t(chunks);
-  const int64_t first = b * tokens + chunk * chunk_rows, last = b * tokens + min64(tokens, (chunk + 1) * chunk_rows);
+  const int64_t first = b * tokens + chunk * chunk_rows,
+                last = b * tokens + min64(tokens, (chunk + 1) * chunk_rows);
   const acc_t ln_on = dim == 1 ? acc_t(0) : acc_t(1);
   const auto sc = load_pack<kVec>(mod.scale + b * mod.scale_stride + col);
   Pack<l_t, kVec> gv{};
@@ -206,8 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const acc_t dyj = acc_t(g.v[j]), xh = (acc_t(xv.v[j]) - mu) * rs;
       acc[0][j] += dyj;
       acc[1][j] += dyj * xh;
-      acc_t total = layer_norm_grad(dyj * (acc_t(1) + acc_t(sc.v[j])), xh, mean_dxhat, mean_dxhat_xhat,
-                                    rs * ln_on);
+      acc_t total = layer_norm_grad(dyj * (acc_t(1) + acc_t(sc.v[j])), xh, mean_dxhat,
+                                    mean_dxhat_xhat, rs * ln_on);
       if (a.dxo) total += acc_t(dxo.v[j]);
       out_dx.v[j] = x_t(total);
       if constexpr (kResidual) {
@@ -226,16 +230,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename x_t, typename l_t, int kVec>
 __global__ void __launch_bounds__(kThreads, 1)
     gated_residual_backward_kernel(const x_t* __restrict__ grad, const l_t* __restrict__ h,
-                                   const l_t* __restrict__ gate, int64_t gate_stride, l_t* __restrict__ dh,
-                                   at::opmath_type<x_t>* __restrict__ partial, int64_t tokens, int64_t dim,
-                                   int64_t chunk_rows, int64_t chunks, int64_t tiles) {
+                                   const l_t* __restrict__ gate, int64_t gate_stride,
+                                   l_t* __restrict__ dh, at::opmath_type<x_t>* __restrict__ partial,
+                                   int64_t tokens, int64_t dim, int64_t chunk_rows, int64_t chunks,
+                                   int64_t tiles) {
   using acc_t = at::opmath_type<x_t>;
   // 32-bit index arithmetic (the grid fits in 32 bits): a 64-bit division is a call.
   const uint32_t block = blockIdx.x / uint32_t(tiles), tile = blockIdx.x % uint32_t(tiles);
   const int64_t b = block / uint32_t(chunks), col = (int64_t(tile) * kThreads + threadIdx.x) * kVec;
   if (col >= dim) return;
   const int64_t chunk = block % uint32_t(chunks);
-  const int64_t first = b * tokens + chunk * chunk_rows, last = b * tokens + min64(tokens, (chunk + 1) * chunk_rows);
+  const int64_t first = b * tokens + chunk * chunk_rows,
+                last = b * tokens + min64(tokens, (chunk + 1) * chunk_rows);
   const auto gv = load_pack<kVec>(gate + b * gate_stride + col);
   acc_t acc[kVec] = {};
   for (int64_t row = first; row < last; ++row) {
@@ -277,9 +283,8 @@ __global__ void column_sums_kernel(const acc_t* __restrict__ partial, int64_t ba
 // The LayerNorm + modulate backward, with the gated residual when h is defined.
 // Outputs not asked for are left empty.
 void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const Tensor& dxo,
-                    const Tensor& gate, const Tensor& scale, const Tensor& mean,
-                    const Tensor& rstd, Tensor& dx, Tensor& dh, Tensor& dgate, Tensor& dshift,
-                    Tensor& dscale) {
+                    const Tensor& gate, const Tensor& scale, const Tensor& mean, const Tensor& rstd,
+                    Tensor& dx, Tensor& dh, Tensor& dgate, Tensor& dshift, Tensor& dscale) {
   const bool need_cols = dgate.numel() > 0 || dshift.numel() > 0 || dscale.numel() > 0;
   if (a.batch == 0 || a.tokens == 0) {
     // No rows: the per-sample gradients are sums over nothing.
@@ -294,11 +299,20 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
     using acc_t = at::opmath_type<x_t>;
     constexpr int kWide = kVecOfWidest<x_t, l_t, y_t>;
     const ModArgs<l_t> mod = mod_args<l_t>(gate, Tensor(), scale);
-    BackwardArgs<x_t, l_t, y_t> args{in_ptr<y_t>(dy), in_ptr<x_t>(a.x), in_ptr<x_t>(dxo), in_ptr<l_t>(a.h),
-                                     mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
-                                     out_ptr<x_t>(dx), out_ptr<l_t>(dh), nullptr, dshift.numel() > 0,
-                                     dscale.numel() > 0, dgate.numel() > 0};
-    const bool wide = packs_fit<kWide>(a.dim, mod, args.dy, args.xo, args.dxo, args.h, args.dx, args.dh);
+    BackwardArgs<x_t, l_t, y_t> args{in_ptr<y_t>(dy),
+                                     in_ptr<x_t>(a.x),
+                                     in_ptr<x_t>(dxo),
+                                     in_ptr<l_t>(a.h),
+                                     mean.const_data_ptr<acc_t>(),
+                                     rstd.const_data_ptr<acc_t>(),
+                                     out_ptr<x_t>(dx),
+                                     out_ptr<l_t>(dh),
+                                     nullptr,
+                                     dshift.numel() > 0,
+                                     dscale.numel() > 0,
+                                     dgate.numel() > 0};
+    const bool wide =
+        packs_fit<kWide>(a.dim, mod, args.dy, args.xo, args.dxo, args.h, args.dx, args.dh);
     with_pack_width<kWide>(wide, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
       const int64_t chunk_rows = chunk_rows_for(a.tokens);
@@ -326,13 +340,14 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         auto kernel = residual ? adaln_backward_columns_kernel<x_t, l_t, y_t, kVec, true>
                                : adaln_backward_columns_kernel<x_t, l_t, y_t, kVec, false>;
-        kernel<<<blocks * tiles, kThreads, 0, stream>>>(args, mod, stats.const_data_ptr<acc_t>(), a.tokens,
-                                                        a.dim, chunk_rows, chunks, tiles);
+        kernel<<<blocks * tiles, kThreads, 0, stream>>>(args, mod, stats.const_data_ptr<acc_t>(),
+                                                        a.tokens, a.dim, chunk_rows, chunks, tiles);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (!need_cols) return;
       column_sums_kernel<acc_t, l_t><<<ceil_div(a.batch * a.dim, kThreads), kThreads, 0, stream>>>(
-          args.partial, a.batch, chunks, 3, a.dim, out_ptr<l_t>(dshift), out_ptr<l_t>(dscale), out_ptr<l_t>(dgate));
+          args.partial, a.batch, chunks, 3, a.dim, out_ptr<l_t>(dshift), out_ptr<l_t>(dscale),
+          out_ptr<l_t>(dgate));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -340,11 +355,13 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
 
 std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y, const Tensor& x,
                                                         const Tensor& scale, const Tensor& mean,
-                                                        const Tensor& rstd, std::array<bool, 3> mask) {
+                                                        const Tensor& rstd,
+                                                        std::array<bool, 3> mask) {
   constexpr const char* op = "ln_modulate_backward";
   AdalnBackward g = ln_modulate_backward_args(op, grad_y, x, scale, mean, rstd, mask);
   const c10::cuda::CUDAGuard guard(g.a.x.device());
-  adaln_backward(op, g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
+  adaln_backward(op, g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate,
+                 g.dshift, g.dscale);
   return {g.dx, g.dshift, g.dscale};
 }
 
@@ -353,10 +370,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_ba
     const Tensor& h, const Tensor& gate, const Tensor& scale, const Tensor& mean,
     const Tensor& rstd, std::array<bool, 5> mask) {
   constexpr const char* op = "gated_residual_ln_modulate_backward";
-  AdalnBackward g = gated_residual_ln_modulate_backward_args(op, grad_x_out, grad_y, x_out, h, gate, scale,
-                                                             mean, rstd, mask);
+  AdalnBackward g = gated_residual_ln_modulate_backward_args(op, grad_x_out, grad_y, x_out, h, gate,
+                                                             scale, mean, rstd, mask);
   const c10::cuda::CUDAGuard guard(g.a.x.device());
-  adaln_backward(op, g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
+  adaln_backward(op, g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift,
+                 g.dscale);
   return {g.dx, g.dh, g.dgate, g.dshift, g.dscale};
 }
 
@@ -381,16 +399,20 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Te
     const x_t* g = in_ptr<x_t>(a.x);
     const l_t *h = in_ptr<l_t>(a.h), *gt = in_ptr<l_t>(gate);
     l_t* dh_p = out_ptr<l_t>(dh);
-    const bool wide = a.dim % kWide == 0 && gate.stride(0) % kWide == 0 && packs_aligned<kWide>(g, h, gt, dh_p);
+    const bool wide =
+        a.dim % kWide == 0 && gate.stride(0) % kWide == 0 && packs_aligned<kWide>(g, h, gt, dh_p);
     with_pack_width<kWide>(wide, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
       const int64_t chunk_rows = chunk_rows_for(a.tokens);
-      const int64_t chunks = ceil_div(a.tokens, chunk_rows), tiles = ceil_div(a.dim / kVec, kThreads);
+      const int64_t chunks = ceil_div(a.tokens, chunk_rows),
+                    tiles = ceil_div(a.dim / kVec, kThreads);
       check_grid(op, a.batch * chunks * tiles);
       Tensor partial = acc_empty({mask[1] ? a.batch * chunks * a.dim : 0}, a.x);
       acc_t* partial_p = mask[1] ? partial.mutable_data_ptr<acc_t>() : nullptr;
-      gated_residual_backward_kernel<x_t, l_t, kVec><<<a.batch * chunks * tiles, kThreads, 0, stream>>>(
-          g, h, gt, gate.stride(0), dh_p, partial_p, a.tokens, a.dim, chunk_rows, chunks, tiles);
+      gated_residual_backward_kernel<x_t, l_t, kVec>
+          <<<a.batch * chunks * tiles, kThreads, 0, stream>>>(g, h, gt, gate.stride(0), dh_p,
+                                                              partial_p, a.tokens, a.dim,
+                                                              chunk_rows, chunks, tiles);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (!mask[1]) return;
       column_sums_kernel<acc_t, l_t><<<ceil_div(a.batch * a.dim, kThreads), kThreads, 0, stream>>>(

@@ -19,7 +19,8 @@ constexpr int kForwardRows = 2;        // rows a resident block normalises at on
 template <typename x_t, typename l_t, typename y_t, int kVec, bool kResidual>
 __global__ void __launch_bounds__(kForwardThreads)
     adaln_forward_kernel(const x_t* __restrict__ x, const l_t* __restrict__ h, ModArgs<l_t> mod,
-                         x_t* __restrict__ x_out, y_t* __restrict__ y, at::opmath_type<x_t>* __restrict__ mean,
+                         x_t* __restrict__ x_out, y_t* __restrict__ y,
+                         at::opmath_type<x_t>* __restrict__ mean,
                          at::opmath_type<x_t>* __restrict__ rstd, int64_t rows, int64_t tokens,
                          int64_t dim, double eps) {
   using acc_t = at::opmath_type<x_t>;
@@ -112,11 +113,11 @@ __global__ void __launch_bounds__(kForwardThreads)
 // (x_out: written, then read back by the same thread) once per pass.
 template <typename x_t, typename l_t, typename y_t, int kVec, bool kResidual>
 __global__ void __launch_bounds__(kForwardThreads)
-    adaln_forward_streamed_kernel(const x_t* __restrict__ x, const l_t* __restrict__ h, ModArgs<l_t> mod,
-                                  x_t* __restrict__ x_out, y_t* __restrict__ y,
+    adaln_forward_streamed_kernel(const x_t* __restrict__ x, const l_t* __restrict__ h,
+                                  ModArgs<l_t> mod, x_t* __restrict__ x_out, y_t* __restrict__ y,
                                   at::opmath_type<x_t>* __restrict__ mean,
-                                  at::opmath_type<x_t>* __restrict__ rstd, int64_t tokens, int64_t dim,
-                                  double eps) {
+                                  at::opmath_type<x_t>* __restrict__ rstd, int64_t tokens,
+                                  int64_t dim, double eps) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t row = blockIdx.x, b = row / tokens, packs = dim / kVec, o = row * dim;
   const x_t* src = kResidual ? x_out + o : x + o;
@@ -221,12 +222,14 @@ void adaln_forward(const char* op, const AdalnArgs& a, const Tensor& gate, const
         check_grid(op, blocks);
         auto kernel = residual ? adaln_forward_kernel<x_t, l_t, y_t, kVec, true>
                                : adaln_forward_kernel<x_t, l_t, y_t, kVec, false>;
-        kernel<<<blocks, threads, 0, stream>>>(x, h, mod, xo, yp, mp, rp, rows, a.tokens, a.dim, eps);
+        kernel<<<blocks, threads, 0, stream>>>(x, h, mod, xo, yp, mp, rp, rows, a.tokens, a.dim,
+                                               eps);
       } else {
         check_grid(op, rows);
         auto kernel = residual ? adaln_forward_streamed_kernel<x_t, l_t, y_t, kVec, true>
                                : adaln_forward_streamed_kernel<x_t, l_t, y_t, kVec, false>;
-        kernel<<<rows, kForwardThreads, 0, stream>>>(x, h, mod, xo, yp, mp, rp, a.tokens, a.dim, eps);
+        kernel<<<rows, kForwardThreads, 0, stream>>>(x, h, mod, xo, yp, mp, rp, a.tokens, a.dim,
+                                                     eps);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -244,8 +247,8 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x, const Tensor& sh
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate(
-    const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift,
-    const Tensor& scale, double eps, std::optional<at::ScalarType> out_dtype) {
+    const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift, const Tensor& scale,
+    double eps, std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "gated_residual_ln_modulate";
   AdalnForward f = adaln_forward_args(op, true, x, h, gate, shift, scale, out_dtype);
   const c10::cuda::CUDAGuard guard(f.a.x.device());
@@ -268,13 +271,15 @@ Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {
     const x_t* x = in_ptr<x_t>(a.x);
     const l_t *h = in_ptr<l_t>(a.h), *g = in_ptr<l_t>(gate);
     x_t* o = out_ptr<x_t>(out);
-    const bool wide = a.dim % kWide == 0 && gate.stride(0) % kWide == 0 && packs_aligned<kWide>(x, h, g, o);
+    const bool wide =
+        a.dim % kWide == 0 && gate.stride(0) % kWide == 0 && packs_aligned<kWide>(x, h, g, o);
     with_pack_width<kWide>(wide, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
       const int64_t total = out.numel() / kVec;
-      const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 16 * sm_count(out.device()));
-      gated_residual_kernel<x_t, l_t, kVec><<<blocks, kThreads, 0, stream>>>(
-          x, h, g, gate.stride(0), o, total, a.tokens, a.dim);
+      const int64_t blocks =
+          std::min<int64_t>(ceil_div(total, kThreads), 16 * sm_count(out.device()));
+      gated_residual_kernel<x_t, l_t, kVec>
+          <<<blocks, kThreads, 0, stream>>>(x, h, g, gate.stride(0), o, total, a.tokens, a.dim);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

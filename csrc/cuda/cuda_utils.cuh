@@ -107,8 +107,9 @@ bool packs_aligned(const Ts*... ptrs) {
 
 // A launch of `blocks` blocks fits the grid's x dimension.
 inline void check_grid(const char* op, int64_t blocks) {
-  TORCH_CHECK(blocks <= int64_t(std::numeric_limits<int32_t>::max()), "sit_ext.", op, ": the input needs ",
-              blocks, " CUDA blocks, more than a grid holds; split the batch");
+  TORCH_CHECK(blocks <= int64_t(std::numeric_limits<int32_t>::max()), "sit_ext.", op,
+              ": the input needs ", blocks,
+              " CUDA blocks, more than a grid holds; split the batch");
 }
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

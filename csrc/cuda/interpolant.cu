@@ -27,7 +27,8 @@ __global__ void __launch_bounds__(kThreads)
                        scalar_t* __restrict__ xt, scalar_t* __restrict__ ut, int64_t n,
                        int64_t chunks, TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
+  const int64_t block = blockIdx.x, row = block / chunks,
+                begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
@@ -46,13 +47,15 @@ __global__ void __launch_bounds__(kThreads)
 
 // partial: [rows * chunks, 4] block sums of (gx*x, gx*e, gu*x, gu*e), or null.
 template <typename scalar_t, int kVec>
-__global__ void __launch_bounds__(kThreads) interpolant_backward_kernel(
-    const scalar_t* __restrict__ gx, const scalar_t* __restrict__ gu,
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ e, scalar_t* __restrict__ dx,
-    scalar_t* __restrict__ dn, double* __restrict__ partial, int64_t n, int64_t chunks,
-    TimeArg ta) {
+__global__ void __launch_bounds__(kThreads)
+    interpolant_backward_kernel(const scalar_t* __restrict__ gx, const scalar_t* __restrict__ gu,
+                                const scalar_t* __restrict__ x, const scalar_t* __restrict__ e,
+                                scalar_t* __restrict__ dx, scalar_t* __restrict__ dn,
+                                double* __restrict__ partial, int64_t n, int64_t chunks,
+                                TimeArg ta) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
+  const int64_t block = blockIdx.x, row = block / chunks,
+                begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   acc_t s[4] = {0, 0, 0, 0};
@@ -97,7 +100,8 @@ __global__ void __launch_bounds__(kThreads)
                         const x_t* __restrict__ e, double* __restrict__ partial, int64_t n,
                         int64_t chunks, TimeArg ta) {
   using acc_t = at::opmath_type<x_t>;
-  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
+  const int64_t block = blockIdx.x, row = block / chunks,
+                begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   acc_t s = 0;
@@ -118,13 +122,16 @@ __global__ void __launch_bounds__(kThreads)
 // g: per-sample upstream gradient (acc_t, stride g_stride). partial:
 // [rows * chunks, 2] block sums of (du*x, du*e), or null.
 template <typename p_t, typename x_t, int kVec>
-__global__ void __launch_bounds__(kThreads) velocity_mse_backward_kernel(
-    const at::opmath_type<x_t>* __restrict__ g, int64_t g_stride, const p_t* __restrict__ p,
-    const x_t* __restrict__ x, const x_t* __restrict__ e, p_t* __restrict__ dp,
-    x_t* __restrict__ dx, x_t* __restrict__ dn, double* __restrict__ partial, int64_t n,
-    int64_t chunks, TimeArg ta) {
+__global__ void __launch_bounds__(kThreads)
+    velocity_mse_backward_kernel(const at::opmath_type<x_t>* __restrict__ g, int64_t g_stride,
+                                 const p_t* __restrict__ p, const x_t* __restrict__ x,
+                                 const x_t* __restrict__ e, p_t* __restrict__ dp,
+                                 x_t* __restrict__ dx, x_t* __restrict__ dn,
+                                 double* __restrict__ partial, int64_t n, int64_t chunks,
+                                 TimeArg ta) {
   using acc_t = at::opmath_type<x_t>;
-  const int64_t block = blockIdx.x, row = block / chunks, begin = (block % chunks) * chunk_size<kVec>();
+  const int64_t block = blockIdx.x, row = block / chunks,
+                begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
   const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
   const acc_t k = acc_t(2) * g[row * g_stride] / acc_t(n);
@@ -273,17 +280,19 @@ std::tuple<Tensor, Tensor> interpolant(const Tensor& x_, const Tensor& noise_, c
       constexpr int kVec = decltype(v)::value;
       const int64_t chunks = chunks_for<kVec>(a.n);
       check_grid("interpolant", a.rows * chunks);
-      interpolant_kernel<scalar_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
-          x, e, xt_p, ut_p, a.n, chunks, a.time);
+      interpolant_kernel<scalar_t, kVec>
+          <<<a.rows * chunks, kThreads, 0, stream>>>(x, e, xt_p, ut_p, a.n, chunks, a.time);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {xt, ut};
 }
 
-std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
-    const std::optional<Tensor>& grad_xt, const std::optional<Tensor>& grad_ut, const Tensor& x_,
-    const Tensor& noise_, const Tensor& t, int64_t schedule, std::array<bool, 3> mask) {
+std::tuple<Tensor, Tensor, Tensor> interpolant_backward(const std::optional<Tensor>& grad_xt,
+                                                        const std::optional<Tensor>& grad_ut,
+                                                        const Tensor& x_, const Tensor& noise_,
+                                                        const Tensor& t, int64_t schedule,
+                                                        std::array<bool, 3> mask) {
   constexpr const char* op = "interpolant_backward";
   const SampleArgs a = sample_args(op, x_, noise_, t, schedule);
   const c10::cuda::CUDAGuard guard(a.x.device());
@@ -305,7 +314,8 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(
       constexpr int kVec = decltype(v)::value;
       const int64_t chunks = chunks_for<kVec>(a.n);
       check_grid(op, a.rows * chunks);
-      Tensor partial = at::empty({mask[2] ? a.rows * chunks * 4 : 0}, a.x.options().dtype(at::kDouble));
+      Tensor partial =
+          at::empty({mask[2] ? a.rows * chunks * 4 : 0}, a.x.options().dtype(at::kDouble));
       double* partial_p = mask[2] ? partial.mutable_data_ptr<double>() : nullptr;
       interpolant_backward_kernel<scalar_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
           gx, gu, x, e, dx_p, dn_p, partial_p, a.n, chunks, a.time);
@@ -389,11 +399,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> velocity_mse_backward(
         constexpr int kVec = decltype(v)::value;
         const int64_t chunks = chunks_for<kVec>(a.n);
         check_grid(op, a.rows * chunks);
-        Tensor partial = at::empty({mask[3] ? a.rows * chunks * 2 : 0}, x.options().dtype(at::kDouble));
+        Tensor partial =
+            at::empty({mask[3] ? a.rows * chunks * 2 : 0}, x.options().dtype(at::kDouble));
         double* partial_p = mask[3] ? partial.mutable_data_ptr<double>() : nullptr;
         velocity_mse_backward_kernel<p_t, x_t, kVec><<<a.rows * chunks, kThreads, 0, stream>>>(
-            grad.const_data_ptr<acc_t>(), grad.stride(0), p, xp, e, dp_p, dx_p, dn_p, partial_p, a.n,
-            chunks, a.time);
+            grad.const_data_ptr<acc_t>(), grad.stride(0), p, xp, e, dp_p, dx_p, dn_p, partial_p,
+            a.n, chunks, a.time);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (!mask[3]) return;
         time_grad_finalize_kernel<2><<<finalize_blocks(a.rows), kThreads, 0, stream>>>(
@@ -433,10 +444,11 @@ Tensor mse(const Tensor& pred_, const Tensor& target_) {
       const int64_t chunks = chunks_for<kVec>(n);
       check_grid(op, chunks);
       Tensor partial = at::empty({chunks}, pred.options().dtype(at::kDouble));
-      mse_kernel<p_t, q_t, kVec><<<chunks, kThreads, 0, stream>>>(p, q, partial.mutable_data_ptr<double>(), n);
+      mse_kernel<p_t, q_t, kVec>
+          <<<chunks, kThreads, 0, stream>>>(p, q, partial.mutable_data_ptr<double>(), n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      mean_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), chunks, n,
-                                                              out.mutable_data_ptr<acc_t>());
+      mean_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(
+          partial.const_data_ptr<double>(), chunks, n, out.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (n % kWide == 0 && packs_aligned<kWide>(p, q)) {

@@ -52,7 +52,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   at::manual_seed(0);
-  const at::Tensor x = at::randn({5, 3, 7}), noise = at::randn({5, 3, 7}), pred = at::randn({5, 3, 7});
+  const at::Tensor x = at::randn({5, 3, 7}), noise = at::randn({5, 3, 7}),
+                   pred = at::randn({5, 3, 7});
   const at::Tensor t = at::rand({5});
   const at::Tensor tb = t.view({5, 1, 1});
   const double h = M_PI / 2;
@@ -66,8 +67,8 @@ int main(int argc, char** argv) {
   check(close(ut, h * (at::cos(h * tb) * noise - at::sin(h * tb) * x)), "interpolant u_t (cosine)");
 
   auto velocity_mse = op("sit_ext::velocity_mse")
-                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, int64_t)>();
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, int64_t)>();
   const at::Tensor loss = velocity_mse.call(pred, x, noise, t, 0);
   check(close(loss, (pred - (noise - x)).pow(2).mean({1, 2})), "velocity_mse (linear)");
 

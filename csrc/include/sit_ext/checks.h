@@ -20,8 +20,7 @@ inline bool is_supported_float(at::ScalarType s) {
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), "sit_ext.", op, ": ", name, " is undefined");
   TORCH_CHECK(is_supported_float(t.scalar_type()), "sit_ext.", op, ": expected ", name,
-              " to be a float32, float64, float16 or bfloat16 tensor, got ",
-              t.scalar_type());
+              " to be a float32, float64, float16 or bfloat16 tensor, got ", t.scalar_type());
 }
 
 // b must match a in shape and device (any float dtype).
@@ -30,17 +29,16 @@ inline void check_shape_device(const char* op, const char* name_a, const at::Ten
   check_float(op, name_b, b);
   TORCH_CHECK(b.sizes() == a.sizes(), "sit_ext.", op, ": expected ", name_b,
               " to have the shape of ", name_a, " ", a.sizes(), ", got ", b.sizes());
-  TORCH_CHECK(b.device() == a.device(), "sit_ext.", op, ": expected ", name_b,
-              " on the device of ", name_a, " (", a.device(), "), got ", b.device());
+  TORCH_CHECK(b.device() == a.device(), "sit_ext.", op, ": expected ", name_b, " on the device of ",
+              name_a, " (", a.device(), "), got ", b.device());
 }
 
 // b must match a in shape, dtype and device.
-inline void check_like(const char* op, const char* name_a, const at::Tensor& a,
-                       const char* name_b, const at::Tensor& b) {
+inline void check_like(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                       const at::Tensor& b) {
   check_shape_device(op, name_a, a, name_b, b);
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), "sit_ext.", op, ": expected ", name_b,
-              " to have the dtype of ", name_a, " (", a.scalar_type(), "), got ",
-              b.scalar_type());
+              " to have the dtype of ", name_a, " (", a.scalar_type(), "), got ", b.scalar_type());
 }
 
 // A vector of per-sample values, shape [B] (or [B, 4] coefficients), on x's device.
@@ -48,15 +46,14 @@ inline void check_per_sample(const char* op, const char* name, const at::Tensor&
                              const at::Tensor& x, int64_t cols = 0) {
   check_float(op, name, v);
   TORCH_CHECK(x.dim() >= 1, "sit_ext.", op, ": expected a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(v.device() == x.device(), "sit_ext.", op, ": expected ", name, " on ",
-              x.device(), ", got ", v.device());
+  TORCH_CHECK(v.device() == x.device(), "sit_ext.", op, ": expected ", name, " on ", x.device(),
+              ", got ", v.device());
   if (cols == 0) {
     TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(0), "sit_ext.", op, ": expected ", name,
                 " of shape [", x.size(0), "] (one value per sample), got ", v.sizes());
   } else {
     TORCH_CHECK(v.dim() == 2 && v.size(0) == x.size(0) && v.size(1) == cols, "sit_ext.", op,
-                ": expected ", name, " of shape [", x.size(0), ", ", cols, "], got ",
-                v.sizes());
+                ": expected ", name, " of shape [", x.size(0), ", ", cols, "], got ", v.sizes());
   }
 }
 
@@ -76,9 +73,8 @@ inline FloatKind float_kind(at::ScalarType s) {
 // Checks `t` against the schedule and x, and describes it for the kernels.
 inline TimeArg time_arg(const char* op, const at::Tensor& t, int64_t schedule,
                         const at::Tensor& x) {
-  TORCH_CHECK(schedule >= 0 && schedule < kNumSchedules, "sit_ext.", op,
-              ": unknown schedule id ", schedule,
-              " (expected 0 linear, 1 cosine, 2 vp or 3 coefficients)");
+  TORCH_CHECK(schedule >= 0 && schedule < kNumSchedules, "sit_ext.", op, ": unknown schedule id ",
+              schedule, " (expected 0 linear, 1 cosine, 2 vp or 3 coefficients)");
   if (schedule == kCoefficients) {
     check_per_sample(op, "coefficients", t, x, 4);
     return {t.data_ptr(), t.stride(0), t.stride(1), float_kind(t.scalar_type()), schedule};
@@ -113,7 +109,7 @@ inline SampleArgs sample_args(const char* op, const at::Tensor& x, const at::Ten
   if (pred.defined()) check_shape_device(op, "x", x, "pred", pred);
   const TimeArg time = time_arg(op, t, schedule, x);
   return {x.contiguous(), noise.contiguous(), pred.defined() ? pred.contiguous() : pred,
-          time, x.size(0), per_sample_numel(x)};
+          time,           x.size(0),          per_sample_numel(x)};
 }
 
 // The kernels pair float64 only with float64 and take any pair of the other
@@ -165,8 +161,8 @@ inline at::Tensor tensor_grad(const char* op, const char* name, const at::Tensor
   if (!grad.defined()) return grad;
   TORCH_CHECK(grad.sizes() == x.sizes(), "sit_ext.", op, ": expected ", name, " of shape ",
               x.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(grad.device() == x.device(), "sit_ext.", op, ": expected ", name, " on ",
-              x.device(), ", got ", grad.device());
+  TORCH_CHECK(grad.device() == x.device(), "sit_ext.", op, ": expected ", name, " on ", x.device(),
+              ", got ", grad.device());
   return grad.to(x.scalar_type()).contiguous();
 }
 
@@ -181,8 +177,8 @@ inline at::Tensor scalar_grad(const char* op, const at::Tensor& grad, const at::
   check_float(op, "grad", grad);
   TORCH_CHECK(grad.numel() == 1, "sit_ext.", op, ": expected a scalar grad, got shape ",
               grad.sizes());
-  TORCH_CHECK(grad.device() == pred.device(), "sit_ext.", op, ": expected grad on ",
-              pred.device(), ", got ", grad.device());
+  TORCH_CHECK(grad.device() == pred.device(), "sit_ext.", op, ": expected grad on ", pred.device(),
+              ", got ", grad.device());
   return grad.to(acc).contiguous();
 }
 
@@ -225,8 +221,8 @@ inline AdalnArgs adaln_args(const char* op, const char* x_name, const at::Tensor
               " of shape [B, T, D] or [B, D], got ", x.sizes());
   TORCH_CHECK(x.size(-1) >= 1, "sit_ext.", op, ": expected D >= 1, got ", x_name, " of shape ",
               x.sizes());
-  AdalnArgs a{x.contiguous(), at::Tensor(), x.size(0), x.dim() == 3 ? x.size(1) : 1, x.size(-1),
-              std::nullopt};
+  AdalnArgs a{x.contiguous(), at::Tensor(), x.size(0), x.dim() == 3 ? x.size(1) : 1,
+              x.size(-1),     std::nullopt};
   if (h.defined()) {
     check_shape_device(op, x_name, x, "h", h);
     check_low_dtype(op, "h", h, a);
@@ -238,7 +234,8 @@ inline AdalnArgs adaln_args(const char* op, const char* x_name, const at::Tensor
 // An op that needs h refuses an undefined one (None passed for a Tensor).
 inline AdalnArgs adaln_args_with_h(const char* op, const char* x_name, const at::Tensor& x,
                                    const at::Tensor& h) {
-  TORCH_CHECK(h.defined(), "sit_ext.", op, ": h is undefined (expected a tensor like ", x_name, ")");
+  TORCH_CHECK(h.defined(), "sit_ext.", op, ": h is undefined (expected a tensor like ", x_name,
+              ")");
   return adaln_args(op, x_name, x, h);
 }
 
@@ -249,16 +246,16 @@ inline void check_modulation(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK(v.dim() == 2 && v.size(0) == a.batch && v.size(1) == a.dim, "sit_ext.", op,
               ": expected ", name, " of shape [", a.batch, ", ", a.dim, "], got ", v.sizes());
   check_low_dtype(op, name, v, a);
-  TORCH_CHECK(v.device() == a.x.device(), "sit_ext.", op, ": expected ", name, " on ",
-              a.x.device(), ", got ", v.device());
+  TORCH_CHECK(v.device() == a.x.device(), "sit_ext.", op, ": expected ", name, " on ", a.x.device(),
+              ", got ", v.device());
   TORCH_CHECK(v.stride(1) == 1 || a.dim == 1, "sit_ext.", op, ": expected ", name,
               " to have inner stride 1 (a [B, D] view with contiguous rows), got strides ",
               v.strides());
 }
 
 // The dtype of y (named `name`): X or L.
-inline at::ScalarType y_dtype(const char* op, const char* name,
-                              std::optional<at::ScalarType> dtype, const AdalnArgs& a) {
+inline at::ScalarType y_dtype(const char* op, const char* name, std::optional<at::ScalarType> dtype,
+                              const AdalnArgs& a) {
   const at::ScalarType x = a.x.scalar_type(), low = a.low.value_or(x);
   const at::ScalarType y = dtype.value_or(x);
   TORCH_CHECK(y == x || y == low, "sit_ext.", op, ": expected ", name, " in x's dtype (", x,

@@ -167,15 +167,15 @@ C10_HOST_DEVICE inline void interpolant_time_grad(const TimeArg& ta, int64_t b, 
     return;
   }
   const Coef<T> c = sample_coef<T>(ta, b);
-  g[0] = times_sum(c.da, s[0]) + times_sum(c.db, s[1]) + times_sum(c.dda, s[2]) + times_sum(c.ddb, s[3]);
+  g[0] = times_sum(c.da, s[0]) + times_sum(c.db, s[1]) + times_sum(c.dda, s[2]) +
+         times_sum(c.ddb, s[3]);
 }
 
 // Velocity MSE: residual r = pred - u_t; the loss averages r^2 over the sample.
 // Backward: dpred = (2 g / N) r and du = -dpred, so dx = a' du, de = b' du, and
 // the per-sample sums s0 = du*x, s1 = du*eps are the gradients of (a', b').
 template <typename T>
-C10_HOST_DEVICE inline void velocity_mse_time_grad(const TimeArg& ta, int64_t b, const T* s,
-                                                   T* g) {
+C10_HOST_DEVICE inline void velocity_mse_time_grad(const TimeArg& ta, int64_t b, const T* s, T* g) {
   if (ta.schedule == kCoefficients) {
     g[0] = T(0);
     g[1] = T(0);

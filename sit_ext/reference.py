@@ -22,6 +22,8 @@ def schedule_coefficients(t: Tensor, schedule: str) -> tuple[Tensor, Tensor, Ten
         c, s = torch.cos(h * t), torch.sin(h * t)
         return c, s, -h * s, h * c
     if schedule == "vp":
+        # Held at its ends outside [0, 1]: for -0.01 < t < 0, alpha > 1 and beta = sqrt(1 - alpha^2) is NaN.
+        t = t.clamp(0, 1)
         span = VP_BETA_MAX - VP_BETA_MIN
         alpha = torch.exp(-0.25 * t * t * span - 0.5 * t * VP_BETA_MIN)
         d_alpha = alpha * (-0.5 * t * span - 0.5 * VP_BETA_MIN)

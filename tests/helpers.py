@@ -1,6 +1,8 @@
 """Shared test helpers: inputs in several layouts, and error bounds relative to
 what eager PyTorch achieves at the same precision."""
 
+import math
+
 import pytest
 import torch
 
@@ -77,3 +79,49 @@ def randomize_zero_init(model):
             if "adaLN_modulation" in name or "final_layer" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
+
+
+def assert_matches_ref(fused, eager, ref64, atol, what=""):
+    """assert_close_to_ref for values of any magnitude, inf and NaN included.
+
+    `eager` is one tensor or several: ways plain PyTorch computes the value at
+    the fused op's precision (the largest error counts). With e = max|eager -
+    ref64| (where eager is finite) and s = max|ref64| (where ref64 is):
+    - where ref64 is not finite, neither is fused;
+    - where it is, |fused - ref64| <= 2 e + atol s + one rounding to fused's
+      dtype (eps |ref64| plus its smallest subnormal), or fused is inf where
+      that much error would reach the dtype's overflow threshold.
+    Unlike assert_close_to_ref, atol is relative to the output's own magnitude
+    (not at least 1), so tiny values are checked too."""
+    assert fused.shape == ref64.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
+    if fused.numel() == 0:
+        return
+    ref, got = ref64.detach().double(), fused.detach().double()
+    exact = torch.isfinite(ref)
+
+    def fail(mask, why):
+        i = tuple(mask.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: at {i} got {got[i].item()}, but the float64 reference is {ref[i].item()}: "
+                             f"{why} ({int(mask.sum())} of {got.numel()} elements)")
+
+    lost = ~exact & torch.isfinite(got)
+    if lost.any():
+        fail(lost, "a finite value where the exact one is not")
+    if not exact.any():
+        return
+    eager_err = 0.0
+    for low in [eager] if isinstance(eager, torch.Tensor) else eager:
+        diff = (low.detach().double() - ref)[exact & torch.isfinite(low)]
+        eager_err = max(eager_err, diff.abs().max().item() if diff.numel() else 0.0)
+    ref0 = torch.where(exact, ref, 0.0)
+    info = torch.finfo(fused.dtype)
+    rounding = info.eps * ref0.abs() + info.smallest_normal * info.eps
+    bound = 2 * eager_err + atol * ref0.abs().max().item()
+    finite = torch.isfinite(got)
+    overflow = got.isinf() & (ref0.abs() + rounding + bound >= info.max)
+    spurious = exact & ~finite & ~overflow
+    if spurious.any():
+        fail(spurious, "non-finite where the exact value is finite and well inside the dtype's range")
+    err = torch.where(exact & finite, (got - ref0).abs() - rounding, -math.inf).max().item()
+    assert err <= bound, (f"{what}: fused error {err:.3e} (beyond one rounding) > 2 x eager error {eager_err:.3e} "
+                          f"+ atol x scale = {bound:.3e}")

@@ -412,3 +412,22 @@ def test_unused_outputs_pass_no_nan(device):
     t.grad = None
     ops.velocity_mse(pred, x, noise, coefficients=(t.sqrt(), t, -torch.ones_like(t), 1 + t)).backward()
     assert torch.isfinite(t.grad).all()
+
+
+def test_vp_holds_t_in_the_unit_interval(device):
+    """Adaptive solvers probe t just outside [0, 1]; there a > 1 made b =
+    sqrt(1 - a^2) NaN. The kernels hold t in [0, 1] as the reference does:
+    values at the end, and no gradient to t outside."""
+    t = torch.tensor([-0.005, -0.5, 0.0, 0.4, 1.0, 1.3], dtype=torch.float64, device=device)
+    x, noise = (torch.randn(6, 5, dtype=torch.float64, device=device) for _ in range(2))
+    fused_t, ref_t = (t.clone().requires_grad_(True) for _ in range(2))
+    fused = ops.interpolant(x, noise, fused_t, "vp")
+    want = ref.interpolant(x, noise, ref_t, "vp")
+    for got, expected in zip(fused, want):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected)
+    inside = (t > 0) & (t < 1)  # at t = 0, b' is infinite: the gradient is checked inside the interval only
+    (fused[0].sum() + fused[1].square().sum()).backward()
+    (want[0].sum() + want[1].square().sum()).backward()
+    torch.testing.assert_close(fused_t.grad[inside], ref_t.grad[inside])
+    assert torch.equal(fused_t.grad[(t < 0) | (t > 1)], torch.zeros(3, dtype=torch.float64, device=device))

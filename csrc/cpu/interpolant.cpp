@@ -85,7 +85,8 @@ std::tuple<Tensor, Tensor, Tensor> interpolant_backward(const std::optional<Tens
     scalar_t* dx_p = out_ptr<scalar_t>(dx);
     scalar_t* dn_p = out_ptr<scalar_t>(dn);
     auto body = [&](int64_t row, int64_t i, int64_t end, double* sums) {
-      const Coef<acc_t> c = sample_coef<acc_t>(a.time, row);
+      const Coef<acc_t> c =
+          used_coef(sample_coef<acc_t>(a.time, row), gx != nullptr, gu != nullptr);
       const auto cv = broadcast(c);
       const int64_t o = row * a.n;
       WideSum<acc_t> s0, s1, s2, s3;

@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t block = blockIdx.x, row = block / chunks,
                 begin = (block % chunks) * chunk_size<kVec>();
   const int64_t o = row * n, end = min64(n, begin + chunk_size<kVec>());
-  const Coef<acc_t> c = sample_coef<acc_t>(ta, row);
+  const Coef<acc_t> c = used_coef(sample_coef<acc_t>(ta, row), gx != nullptr, gu != nullptr);
   acc_t s[4] = {0, 0, 0, 0};
   for_each_pack<kVec>(begin, end, [&](int64_t i) {
     Pack<scalar_t, kVec> gxv{}, guv{}, a, b;

@@ -42,7 +42,9 @@ C10_HOST_DEVICE inline Coef<T> schedule_coef(int64_t schedule, T t) {
     return {c, s, -h * s, h * c, -h * h * c, -h * h * s};
   }
   if (schedule == kVP) {
-    // log a = -t^2 (bmax - bmin) / 4 - t bmin / 2, b = sqrt(1 - a^2).
+    // log a = -t^2 (bmax - bmin) / 4 - t bmin / 2, b = sqrt(1 - a^2). t is held in [0, 1]
+    // (as sit_ext.reference does): just below 0, a > 1 and b would be NaN.
+    t = t < T(0) ? T(0) : (t > T(1) ? T(1) : t);
     const T range = T(kVPBetaMax - kVPBetaMin), bmin = T(kVPBetaMin);
     const T g = -T(0.5) * t * range - T(0.5) * bmin;  // (log a)'
     const T a = ::exp(-T(0.25) * t * t * range - T(0.5) * t * bmin);
@@ -134,6 +136,16 @@ C10_HOST_DEVICE inline V velocity_value(const Coef<V>& c, V x, V e) {
   return c.da * x + c.db * e;
 }
 
+// The coefficients the interpolant backward reads: those of an output without a
+// gradient (not computed, or not used) are zeroed, so that its missing gradient
+// contributes 0 even where a coefficient is infinite (b' = inf at t = 0 for VP).
+template <typename T>
+C10_HOST_DEVICE inline Coef<T> used_coef(Coef<T> c, bool has_gx, bool has_gu) {
+  if (!has_gx) c.a = c.b = T(0);
+  if (!has_gu) c.da = c.db = T(0);
+  return c;
+}
+
 // Interpolant backward, per element: dx = a gx + a' gu, de = b gx + b' gu.
 template <typename V>
 C10_HOST_DEVICE inline V interpolant_grad_x(const Coef<V>& c, V gx, V gu) {
@@ -150,10 +162,20 @@ C10_HOST_DEVICE inline int time_grad_size(const TimeArg& ta) {
 }
 
 // c * s, where an s of exactly 0 (the gradient of an output that was not used)
-// contributes 0 even where c is infinite (a schedule's derivative at t = 0).
+// contributes 0 even where c is infinite (a schedule's derivative at t = 0),
+// and a c of exactly 0 (no dependence on t, as a'' and b'' of the linear path)
+// contributes 0 even where s is infinite.
 template <typename T>
 C10_HOST_DEVICE inline T times_sum(T c, T s) {
-  return s == T(0) ? T(0) : c * s;
+  return (s == T(0) || c == T(0)) ? T(0) : c * s;
+}
+
+// Whether sample b's t lies outside [0, 1] under the VP schedule, where the
+// coefficients are held at the end's and so do not depend on t.
+C10_HOST_DEVICE inline bool vp_time_held(const TimeArg& ta, int64_t b) {
+  if (ta.schedule != kVP) return false;
+  const double t = load_as<double>(ta.ptr, b * ta.stride0, ta.kind);
+  return t < 0.0 || t > 1.0;
 }
 
 // Interpolant backward, per sample. The kernels sum, over the sample,
@@ -164,6 +186,10 @@ template <typename T>
 C10_HOST_DEVICE inline void interpolant_time_grad(const TimeArg& ta, int64_t b, const T* s, T* g) {
   if (ta.schedule == kCoefficients) {
     for (int k = 0; k < 4; ++k) g[k] = s[k];
+    return;
+  }
+  if (vp_time_held(ta, b)) {
+    g[0] = T(0);
     return;
   }
   const Coef<T> c = sample_coef<T>(ta, b);
@@ -181,6 +207,10 @@ C10_HOST_DEVICE inline void velocity_mse_time_grad(const TimeArg& ta, int64_t b,
     g[1] = T(0);
     g[2] = s[0];
     g[3] = s[1];
+    return;
+  }
+  if (vp_time_held(ta, b)) {
+    g[0] = T(0);
     return;
   }
   const Coef<T> c = sample_coef<T>(ta, b);

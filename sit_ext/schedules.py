@@ -145,6 +145,9 @@ class Custom(Schedule):
                  d_alpha: Callable[[Tensor], Tensor] | None = None,
                  d_beta: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
+        for name, fn in (("alpha", alpha), ("beta", beta), ("d_alpha", d_alpha), ("d_beta", d_beta)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"Custom: {name} must be a callable of t, got {type(fn).__name__}")
         self._alpha, self._beta, self._d_alpha, self._d_beta = alpha, beta, d_alpha, d_beta
 
     def alpha(self, t: Tensor) -> Tensor:

@@ -23,6 +23,11 @@ data (tau = -t), dx = [-v + w s] dtau + sqrt(2 w) dW, where s is the score.
 Every SDE form keeps the marginals of the path; w = "SBDM" gives the reverse of
 the path's forward SDE. The samplers run under ``torch.no_grad()`` with no host
 synchronisation inside the step loop (adaptive torchdiffeq solvers aside).
+
+Beyond the official samplers: step schedules for every fixed-step method
+(``time_grid``; "power" puts the steps at the stiff data end, where uniform
+steps and the official "Mean" last step get the SDE's variance wrong), and a
+predictor-corrector ODE solver with one model evaluation per step ("adams").
 """
 
 from __future__ import annotations
@@ -42,11 +47,30 @@ LOSS_WEIGHTS = (None, "velocity", "likelihood")
 TIME_SAMPLERS = ("uniform", "logit_normal")
 MODEL_TIMES = ("sit_ext", "official")
 ODE_FIXED = ("euler", "heun")
+# torchdiffeq's fixed-step methods: they step on the same grid (num_steps steps) as "euler" and "heun".
+TORCHDIFFEQ_FIXED = ("midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 SDE_METHODS = ("euler", "heun")
+STEP_SCHEDULES = {"uniform": None, "shift": 3.0, "power": 2.0}  # name: default schedule_param
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 
 Field = Callable[[Tensor, Tensor], Tensor]
+
+
+def _count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _tensor_arg(name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
 
 
 def _interval_arg(name: str, interval) -> tuple[float, float]:
@@ -63,6 +87,35 @@ def _interval_arg(name: str, interval) -> tuple[float, float]:
 def _choose(name: str, value, options) -> None:
     if value not in options:
         raise ValueError(f"unknown {name} {value!r}: expected one of {list(options)}")
+
+
+def time_grid(start: float, end: float, num_points: int, schedule: str = "uniform", param: float | None = None,
+              device=None) -> Tensor:
+    """num_points times (float32) from start to end, both included. With u
+    uniform on [0, 1] (0 at lo = min(start, end), the data end):
+
+    - "uniform": torch.linspace(start, end, num_points);
+    - "shift": t = lo + (hi - lo) s u / (1 + (s - 1) u), the timestep shift of flow
+      models (param s, default 3): s > 1 puts the steps at the noise end, s < 1 at
+      the data end;
+    - "power": t = (lo^(1/rho) + u (hi^(1/rho) - lo^(1/rho)))^rho, EDM's spacing
+      rule applied to t (param rho, default 2): steps concentrated at the data end.
+    """
+    _choose("schedule", schedule, STEP_SCHEDULES)
+    if schedule == "uniform":
+        return torch.linspace(start, end, num_points, device=device, dtype=torch.float32)
+    p = STEP_SCHEDULES[schedule] if param is None else float(param)
+    if not p > 0:
+        raise ValueError(f"schedule_param must be > 0, got {param}")
+    lo, hi = min(start, end), max(start, end)
+    u = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    u = u.flip(0) if start > end else u
+    if schedule == "shift":
+        t = lo + (hi - lo) * p * u / (1 + (p - 1) * u)
+    else:
+        t = (lo ** (1 / p) + u * (hi ** (1 / p) - lo ** (1 / p))) ** p
+    t[0], t[-1] = start, end
+    return t.to(device=device, dtype=torch.float32)
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -102,7 +155,9 @@ class Transport:
         self.schedule = get_schedule(path)
         self.prediction, self.loss_weight = prediction, loss_weight
         self.time_sampler, self.model_time, self.fused = time_sampler, model_time, fused
-        self.logit_normal = logit_normal
+        if len(logit_normal) != 2 or not _number("logit_normal std", logit_normal[1]) > 0:
+            raise ValueError(f"logit_normal must be (mean, std) with std > 0, got {logit_normal!r}")
+        self.logit_normal = (_number("logit_normal mean", logit_normal[0]), float(logit_normal[1]))
         is_vp = self.schedule.kernel == "vp"
         if is_vp:
             default_train, default_sample = 1e-5, 1e-3
@@ -110,8 +165,8 @@ class Transport:
             default_train, default_sample = 1e-3, 1e-3
         else:
             default_train, default_sample = 0.0, 0.0
-        self.train_eps = default_train if train_eps is None else float(train_eps)
-        self.sample_eps = default_sample if sample_eps is None else float(sample_eps)
+        self.train_eps = default_train if train_eps is None else _number("train_eps", train_eps)
+        self.sample_eps = default_sample if sample_eps is None else _number("sample_eps", sample_eps)
         for name, eps in (("train_eps", self.train_eps), ("sample_eps", self.sample_eps)):
             if not 0.0 <= eps < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5), got {eps}")
@@ -175,6 +230,13 @@ class Transport:
             return self.schedule.score_from_noise(output, x_t, t)
         return self.schedule.score_from_velocity(output, x_t, t)
 
+    def _conversion_singular(self, t: float, device=None) -> bool:
+        """Whether turning this prediction type into a velocity and a score divides
+        by zero at t (a velocity model's score where beta = 0, a noise or score
+        model's velocity where alpha = 0). One host sync."""
+        one, tt = torch.ones(1, 1, device=device), torch.full((1,), t, device=device)
+        return not all(bool(torch.isfinite(convert(one, one, tt)).all()) for convert in (self.velocity, self.score))
+
     # ---------------------------------------------------------- losses
 
     def training_losses(self, model: Callable, x: Tensor, model_kwargs: dict | None = None,
@@ -233,7 +295,7 @@ class Transport:
         as uncond + scale (cond - uncond) for t in cfg_interval (cond elsewhere)."""
         kwargs = dict(model_kwargs or {})
         lo, hi = _interval_arg("cfg_interval", cfg_interval)
-        if cfg_scale == 1.0:
+        if _number("cfg_scale", cfg_scale) == 1.0:
             return lambda x, t: self.call_model(model, x, t, kwargs)
         y = kwargs.pop("y", None)
         if y is None:
@@ -259,24 +321,36 @@ class Transport:
 
     @torch.no_grad()
     def sample_ode(self, model: Callable, noise: Tensor, *, method: str = "heun", num_steps: int = 50,
+                   schedule: str = "uniform", schedule_param: float | None = None,
                    atol: float = 1e-6, rtol: float = 1e-3, reverse: bool = False,
                    model_kwargs: dict | None = None, cfg_scale: float = 1.0,
                    cfg_interval: tuple[float, float] = (0.0, 1.0), null_label: int | None = None,
                    progress: bool = False, return_trajectory: bool = False, compile: bool = False):
         """Integrates the probability-flow ODE from noise (t = 1) to data (t = 0),
-        or with reverse=True from data to noise. method: "euler" or "heun" on a
-        fixed grid of num_steps steps, or any torchdiffeq method ("dopri5",
-        "rk4", ...; atol and rtol pass through). compile=True compiles the fixed
-        step with torch.compile. Returns x at the end, or every grid point with
-        return_trajectory=True."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        or with reverse=True from data to noise. method: on a grid of num_steps
+        steps spaced by `schedule` ("uniform", "shift", "power"; see ``time_grid``),
+        "euler", "heun" (2 model evaluations a step), "adams" (1 a step, third
+        order; see ``adams_sample``) or a torchdiffeq fixed-step method ("rk4",
+        "midpoint", ...); or an adaptive torchdiffeq method ("dopri5", ...; atol and
+        rtol pass through), which chooses its own steps. compile=True compiles the
+        step (for "adams", the field) with torch.compile. Returns x at the end, or
+        every grid point with return_trajectory=True."""
+        _tensor_arg("noise", noise)
+        _count("num_steps", num_steps, 1)
         field = self._velocity_field(self._guided(model, model_kwargs, cfg_scale, cfg_interval, null_label))
         lo, hi = self.interval(sample=True)
         t0, t1 = (lo, hi) if reverse else (hi, lo)
-        if method not in ODE_FIXED:
-            return _odeint(field, noise, t0, t1, method, atol, rtol, return_trajectory)
-        grid = torch.linspace(t0, t1, num_steps + 1, device=noise.device, dtype=torch.float32)
+        if method not in (*ODE_FIXED, "adams", *TORCHDIFFEQ_FIXED):
+            if schedule != "uniform":
+                raise ValueError(f"schedule={schedule!r} needs a fixed-step method; {method!r} chooses its own steps")
+            return _odeint(field, noise, torch.tensor([t0, t1], dtype=torch.float64, device=noise.device),
+                           method, atol, rtol, return_trajectory)
+        grid = time_grid(t0, t1, num_steps + 1, schedule, schedule_param, noise.device)
+        if method in TORCHDIFFEQ_FIXED:
+            return _odeint(field, noise, grid.double(), method, atol, rtol, return_trajectory)
+        if method == "adams":
+            field = field if not compile else torch.compile(field, dynamic=False)
+            return adams_sample(field, noise, grid, progress, return_trajectory)
         step = ode_step if not compile else torch.compile(ode_step, dynamic=False)
         x, path = noise, [noise]
         for i in _progress(range(num_steps), progress, "ODE"):
@@ -304,21 +378,26 @@ class Transport:
 
     @torch.no_grad()
     def sample_sde(self, model: Callable, noise: Tensor, *, method: str = "euler", num_steps: int = 250,
+                   schedule: str = "uniform", schedule_param: float | None = None,
                    diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step: str | None = "Mean",
                    last_step_size: float = 0.04, generator: torch.Generator | None = None,
                    model_kwargs: dict | None = None, cfg_scale: float = 1.0,
                    cfg_interval: tuple[float, float] = (0.0, 1.0), null_label: int | None = None,
                    progress: bool = False, return_trajectory: bool = False, compile: bool = False):
         """Integrates the SDE from noise to data: Euler-Maruyama ("euler") or
-        stochastic Heun ("heun"), num_steps grid points from t_hi down to t_lo,
-        then `last_step` ("Mean", "Tweedie", "Euler" or None) to t = 0. The
-        defaults are the official sampler's (diffusion "sigma", last step "Mean"
-        of size 0.04)."""
+        stochastic Heun ("heun"; a step that ends where the score or velocity
+        conversion is singular skips the correction), on num_steps grid points
+        from t_hi down to t_lo spaced by `schedule` (see ``time_grid``), then
+        `last_step` ("Mean", "Tweedie", "Euler" or None) to t = 0. The defaults are
+        the official sampler's (uniform grid, diffusion "sigma", last step "Mean" of
+        size 0.04). For data with a small variance, last_step=None and
+        schedule="power" keep the variance: "Mean" drops the noise of its whole
+        step, and uniform steps are too long where w / beta^2 is large."""
         _choose("SDE method", method, SDE_METHODS)
         _choose("diffusion_form", diffusion_form, DIFFUSION_FORMS)
         _choose("last_step", last_step, LAST_STEPS)
-        if num_steps < 2:
-            raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+        _tensor_arg("noise", noise)
+        _count("num_steps", num_steps, 2)
         if not diffusion_norm >= 0:
             raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
         if last_step is not None and not 0 < last_step_size < 1:
@@ -333,12 +412,15 @@ class Transport:
 
         lo, hi = self.interval(sample=True, sde=True, diffusion_form=diffusion_form,
                                last_step_size=last_step_size if last_step else 0.0)
-        grid = torch.linspace(hi, lo, num_steps, device=noise.device, dtype=torch.float32)
+        grid = time_grid(hi, lo, num_steps, schedule, schedule_param, noise.device)
         step = sde_step if not compile else torch.compile(sde_step, dynamic=False)
+        skip_last_correction = method == "heun" and self._conversion_singular(lo, noise.device)
         x, path = noise, [noise]
         for i in _progress(range(num_steps - 1), progress, "SDE"):
             z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-            x = step(drift, self.diffusion, x, z, grid[i], grid[i + 1], method, diffusion_form, diffusion_norm)
+            correct = not (skip_last_correction and i == num_steps - 2)
+            x = step(drift, self.diffusion, x, z, grid[i], grid[i + 1], method, diffusion_form, diffusion_norm,
+                     correct)
             if return_trajectory:
                 path.append(x)
         if last_step is not None:
@@ -366,10 +448,9 @@ class Transport:
         for up to 16 dimensions) or Hutchinson's estimate with `num_probes`
         Rademacher probes. Also returns bits_per_dim = -log p / (D ln 2) and the
         prior term."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+        _tensor_arg("x", x)
+        _count("num_steps", num_steps, 1)
+        _count("num_probes", num_probes, 1)
         field = self._velocity_field(self._guided(model, model_kwargs, 1.0, (0.0, 1.0), None))
         dims = x[0].numel()
         exact = dims <= 16 if exact is None else exact
@@ -387,12 +468,14 @@ class Transport:
 
         lo, hi = self.interval(sample=True)
         state = (x, torch.zeros(x.shape[0], device=x.device, dtype=torch.float64))
+        grid = torch.linspace(lo, hi, num_steps + 1, device=x.device, dtype=torch.float32)
         if method in ODE_FIXED:
-            grid = torch.linspace(lo, hi, num_steps + 1, device=x.device, dtype=torch.float32)
             for i in _progress(range(num_steps), progress, "likelihood"):
                 state = ode_step(augmented, state, grid[i], grid[i + 1], method)
         else:
-            state = _odeint(augmented, state, lo, hi, method, atol, rtol, False)
+            times = grid.double() if method in TORCHDIFFEQ_FIXED else torch.tensor([lo, hi], dtype=torch.float64,
+                                                                                    device=x.device)
+            state = _odeint(augmented, state, times, method, atol, rtol, False)
         z, integral = state
         std = self.schedule.coefficients(torch.full((1,), hi, device=x.device))[1].double()
         prior = (-0.5 * (z.double() / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
@@ -438,10 +521,46 @@ def ode_step(field, x, t_cur: Tensor, t_next: Tensor, method: str):
     return _axpy(dt / 2, d1 + d2, x)
 
 
+def adams_sample(field: Field, x: Tensor, grid: Tensor, progress: bool = False, return_trajectory: bool = False):
+    """Integrates dx/dt = field(x, t [B]) over `grid` with one evaluation per
+    step: an Adams-Bashforth 2 predictor and an Adams-Moulton 3 corrector in PEC
+    mode (the evaluation at the predicted point serves the corrector and the next
+    predictor). With h = t_next - t, h_p the previous step, v_p, v, v_n the field at
+    the previous, current and predicted points:
+
+    - predictor: x + h ((1 + r / 2) v - (r / 2) v_p), r = h / h_p (Euler on the first step);
+    - corrector: x + w_n v_n + (h - w_n - w_p) v + w_p v_p, the integral of the
+      quadratic through the three, w_n = h (2 h + 3 h_p) / (6 (h + h_p)),
+      w_p = -h^3 / (6 h_p (h + h_p)) (the trapezoid on the first step);
+    - the last step keeps its prediction (a correction would cost an evaluation).
+    """
+    h = torch.diff(grid.double().cpu()).tolist()
+    batch, path = x.shape[0], [x]
+    v = field(x, grid[0].expand(batch))
+    v_p = None
+    for i in _progress(range(len(h)), progress, "ODE"):
+        dt, dt_p = h[i], h[i - 1] if i else None
+        x_pred = x + dt * v if v_p is None else x + dt * ((1 + dt / (2 * dt_p)) * v - dt / (2 * dt_p) * v_p)
+        if i == len(h) - 1:
+            x = x_pred
+        else:
+            v_n = field(x_pred, grid[i + 1].expand(batch))
+            if v_p is None:
+                x = x + dt / 2 * (v + v_n)
+            else:
+                w_n, w_p = dt * (2 * dt + 3 * dt_p) / (6 * (dt + dt_p)), -(dt**3) / (6 * dt_p * (dt + dt_p))
+                x = x + w_n * v_n + (dt - w_n - w_p) * v + w_p * v_p
+            v_p, v = v, v_n
+        if return_trajectory:
+            path.append(x)
+    return torch.stack(path) if return_trajectory else x
+
+
 def sde_step(drift, diffusion, x: Tensor, z: Tensor, t_cur: Tensor, t_next: Tensor, method: str,
-             form: str, norm: float) -> Tensor:
+             form: str, norm: float, correct: bool = True) -> Tensor:
     """One Euler-Maruyama or stochastic Heun step toward the data, from t_cur
-    down to t_next, with standard normal noise z."""
+    down to t_next, with standard normal noise z. correct=False stops Heun after
+    its predictor (for a step that ends where the drift is singular)."""
     batch = x.shape[0]
     h = t_cur - t_next
     t = t_cur.expand(batch)
@@ -450,19 +569,26 @@ def sde_step(drift, diffusion, x: Tensor, z: Tensor, t_cur: Tensor, t_next: Tens
         return x + drift(x, t)[0] * h + noise
     x_hat = x + noise
     k1 = drift(x_hat, t)[0]
+    if not correct:
+        return x_hat + h * k1
     k2 = drift(x_hat + h * k1, t_next.expand(batch))[0]
     return x_hat + h / 2 * (k1 + k2)
 
 
-def _odeint(field, x0, t0: float, t1: float, method: str, atol: float, rtol: float, trajectory: bool):
+def _odeint(field, x0, times: Tensor, method: str, atol: float, rtol: float, trajectory: bool):
+    """torchdiffeq's odeint through `times` (float64): the grid of a fixed-step
+    method, or the two ends for an adaptive one. Adaptive methods evaluate stages
+    past the end (they overshoot and interpolate back); the field is held at the
+    interval's ends there, where a path or its conversions may be undefined (VP:
+    alpha > 1 for -0.01 < t < 0) and no model was trained."""
     try:
         from torchdiffeq import odeint
     except ImportError:
         raise ImportError(f"ODE method {method!r} needs torchdiffeq, which is not installed: "
                           "pip install torchdiffeq (or use method='euler' or 'heun')") from None
     first = x0[0] if isinstance(x0, tuple) else x0
-    times = torch.tensor([t0, t1], device=first.device, dtype=torch.float64)
-    out = odeint(lambda t, x: field(x, t.float().expand(first.shape[0])), x0, times, method=method,
+    lo, hi = times.aminmax()
+    out = odeint(lambda t, x: field(x, t.clamp(lo, hi).float().expand(first.shape[0])), x0, times, method=method,
                  atol=atol, rtol=rtol)
     if isinstance(out, tuple):
         return tuple(o[-1] for o in out)
@@ -475,4 +601,4 @@ def create_transport(path_type: str = "Linear", prediction: str = "velocity", lo
     return Transport(path_type, prediction, loss_weight, train_eps, sample_eps)
 
 
-__all__ = ["Transport", "create_transport", "ode_step", "sde_step"]
+__all__ = ["Transport", "adams_sample", "create_transport", "ode_step", "sde_step", "time_grid"]

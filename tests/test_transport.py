@@ -21,15 +21,16 @@ class GaussianField(torch.nn.Module):
     """The exact model output for data N(mu, diag sigma^2) under a schedule:
     E[u_t | x_t], E[eps | x_t] or the score, in sit_ext time or the official's."""
 
-    def __init__(self, schedule, prediction, official=False):
+    def __init__(self, schedule, prediction, official=False, mu=MU, sigma=SIGMA):
         super().__init__()
         self.schedule, self.prediction, self.official = schedule, prediction, official
+        self.mu, self.sigma = mu, sigma
 
     def forward(self, x_t, t, y=None):
         if self.official:
             t = 1 - t
         a, b, da, db = (schedules.per_sample(c, x_t) for c in self.schedule.coefficients(t))
-        mu, sigma = MU.to(x_t), SIGMA.to(x_t)
+        mu, sigma = self.mu.to(x_t), self.sigma.to(x_t)
         var = a * a * sigma**2 + b * b
         r = x_t - a * mu
         e_eps = b * r / var
@@ -310,3 +311,147 @@ def test_misuse_that_would_give_a_wrong_number():
         with pytest.raises(ValueError, match="cfg_interval"):
             transport.sample_ode(model, x, num_steps=2, cfg_scale=2.0, cfg_interval=interval,
                                  model_kwargs={"y": torch.zeros(8, dtype=torch.long)}, null_label=1)
+
+
+# ------------------------------------------- defects fixed in issue 13
+
+
+def exact_flow(schedule, z, t_from, t_to, mu=MU, sigma=SIGMA):
+    """The probability-flow map of N(mu, diag sigma^2) data from t_from to t_to: the
+    standardised x_t, (x_t - alpha mu) / sqrt(alpha^2 sigma^2 + beta^2), is constant."""
+    def mean_std(t):
+        a, b, _, _ = schedule.coefficients(torch.tensor([t], dtype=torch.float64))
+        return a * mu.double(), torch.sqrt(a**2 * sigma.double() ** 2 + b**2)
+
+    (m0, s0), (m1, s1) = mean_std(t_from), mean_std(t_to)
+    return m1 + s1 * (z.double() - m0) / s0
+
+
+def rms(a, b):
+    return (a.double() - b.double()).flatten(1).norm(dim=1).pow(2).mean().sqrt().item()
+
+
+@pytest.mark.parametrize("method,stages", [("rk4", 4), ("midpoint", 2), ("heun3", 3)])
+def test_torchdiffeq_fixed_grid_methods_take_num_steps(method, stages):
+    """Fixed-grid torchdiffeq methods step on the num_steps grid (they once took one
+    step over [1, 0]), so they are at least as accurate as Heun with the same steps."""
+    pytest.importorskip("torchdiffeq")
+    transport = Transport("linear")
+    model = GaussianField(transport.schedule, "velocity")
+    z, calls = noise(2000, seed=4).double(), []
+    out = transport.sample_ode(lambda x, t: calls.append(t) or model(x, t), z, method=method, num_steps=20)
+    assert len(calls) == stages * 20
+    exact = exact_flow(transport.schedule, z, 1.0, 0.0)
+    assert rms(out, exact) <= rms(transport.sample_ode(model, z, method="heun", num_steps=20), exact)
+    assert transport.sample_ode(model, z, method=method, num_steps=20, return_trajectory=True).shape[0] == 21
+
+
+STIFF_SIGMA = torch.full((3,), 0.1)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_adaptive_solver_on_vp_with_stiff_data(prediction):
+    """dopri5 probes times past the interval's end (down to t = -0.4), where VP's
+    beta = sqrt(1 - alpha^2) is NaN (alpha > 1 for -0.01 < t < 0): it once died with
+    "underflow in dt". The field is now held at the interval's ends there."""
+    pytest.importorskip("torchdiffeq")
+    transport = Transport("vp", prediction)
+    model = GaussianField(transport.schedule, prediction, sigma=STIFF_SIGMA)
+    lo, hi = transport.interval(sample=True)
+    z, times = noise(2000), []
+    out = transport.sample_ode(lambda x, t: times.append(t[0].item()) or model(x, t), z, method="dopri5",
+                               atol=1e-8, rtol=1e-7)
+    assert lo <= min(times) and max(times) <= hi
+    # The global error of this solve is about 2e-6 (local tolerance 1e-7); Heun with 2000 steps gets 5e-6.
+    assert rms(out, exact_flow(transport.schedule, z, hi, lo, sigma=STIFF_SIGMA)) < 1e-5
+
+
+def test_vp_coefficients_are_held_at_the_ends_outside_the_unit_interval():
+    vp = schedules.VP()
+    outside, ends = torch.tensor([-0.5, -0.005, 1.5], dtype=torch.float64), torch.tensor([0.0, 0.0, 1.0])
+    for got, want in zip(vp.coefficients(outside), vp.coefficients(ends.double())):
+        torch.testing.assert_close(got, want)
+    a, b, _, _ = vp.coefficients(outside)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all() and (a <= 1).all()
+
+
+@pytest.mark.parametrize("path,form", [("cosine", f) for f in ("constant", "sigma", "linear", "decreasing",
+                                                                 "increasing-decreasing")] + [("linear", "sigma")])
+def test_sde_heun_ending_where_the_score_is_singular(path, form):
+    """With last_step=None a velocity model's SDE ends at t = 0, where the score
+    -E[eps | x_t] / beta divides by beta(0) = 0: stochastic Heun's correction there
+    once made every sample NaN. The last step now skips it."""
+    transport = Transport(path, "velocity")
+    model = GaussianField(transport.schedule, "velocity")
+    assert transport.interval(sample=True, sde=True, diffusion_form=form)[0] == 0.0
+    out = transport.sample_sde(model, noise(10000), method="heun", num_steps=100, diffusion_form=form,
+                               last_step=None, generator=torch.Generator().manual_seed(6))
+    check_gaussian(out, mean_tol=0.06, var_rel_tol=0.1)
+
+
+# ---------------------------------------------- bit-compatibility pin
+
+
+def frozen_sample_ode(transport, model, x, num_steps, method):
+    """sample_ode's fixed-grid loop as it was before issue 13 (uniform grid, Euler or Heun)."""
+    lo, hi = transport.interval(sample=True)
+    grid = torch.linspace(hi, lo, num_steps + 1, dtype=torch.float32)
+    for i in range(num_steps):
+        dt, batch = grid[i + 1] - grid[i], x.shape[0]
+        d1 = transport.velocity(model(x, grid[i].expand(batch)), x, grid[i].expand(batch))
+        x_euler = dt * d1 + x
+        if method == "euler":
+            x = x_euler
+            continue
+        t = grid[i + 1].expand(batch)
+        d2 = transport.velocity(model(x_euler, t), x_euler, t)
+        x = dt / 2 * (d1 + d2) + x
+    return x
+
+
+def frozen_sample_sde(transport, model, x, num_steps, method, form, last_step, gen, last_step_size=0.04):
+    """sample_sde as it was before issue 13 (uniform grid, Euler-Maruyama or stochastic Heun)."""
+    lo, hi = transport.interval(sample=True, sde=True, diffusion_form=form,
+                                last_step_size=last_step_size if last_step else 0.0)
+    grid, batch = torch.linspace(hi, lo, num_steps, dtype=torch.float32), x.shape[0]
+
+    def drift(x, t):
+        out = model(x, t)
+        v, s = transport.velocity(out, x, t), transport.score(out, x, t)
+        return -v + schedules.per_sample(transport.diffusion(t, form), x) * s, v, s
+
+    for i in range(num_steps - 1):
+        z = torch.randn(x.shape, dtype=x.dtype, generator=gen)
+        h, t = grid[i] - grid[i + 1], grid[i].expand(batch)
+        noise_term = schedules.per_sample(torch.sqrt(2 * transport.diffusion(t, form) * h), x) * z
+        if method == "euler":
+            x = x + drift(x, t)[0] * h + noise_term
+        else:
+            x_hat = x + noise_term
+            k1 = drift(x_hat, t)[0]
+            k2 = drift(x_hat + h * k1, grid[i + 1].expand(batch))[0]
+            x = x_hat + h / 2 * (k1 + k2)
+    if last_step is not None:
+        t = grid[-1].expand(batch)
+        d, v, s = drift(x, t)
+        x = {"Mean": lambda: x + d * last_step_size, "Euler": lambda: x - v * last_step_size,
+             "Tweedie": lambda: transport.schedule.expected_data(s, x, t)}[last_step]()
+    return x
+
+
+@pytest.mark.parametrize("path,prediction", [("linear", "velocity"), ("vp", "noise"), ("cosine", "score")])
+def test_default_samplers_are_bit_identical_to_the_frozen_loops(path, prediction):
+    """The official settings (uniform grid; Euler, Heun; Euler-Maruyama, stochastic
+    Heun; every last step) give the same bits as before issue 13."""
+    transport = Transport(path, prediction)
+    model = GaussianField(transport.schedule, prediction)
+    z = noise(64, seed=7)
+    for method in ("euler", "heun"):
+        assert torch.equal(transport.sample_ode(model, z, method=method, num_steps=12),
+                           frozen_sample_ode(transport, model, z, 12, method))
+    for method, form, last_step in [("euler", "sigma", "Mean"), ("heun", "SBDM", None), ("euler", "linear", "Tweedie"),
+                                    ("heun", "constant", "Euler")]:
+        got = transport.sample_sde(model, z, method=method, num_steps=12, diffusion_form=form, last_step=last_step,
+                                   generator=torch.Generator().manual_seed(8))
+        want = frozen_sample_sde(transport, model, z, 12, method, form, last_step, torch.Generator().manual_seed(8))
+        assert torch.equal(got, want), (method, form, last_step)

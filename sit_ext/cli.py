@@ -1,5 +1,5 @@
 """The ``sit-ext`` command (also ``python -m sit_ext``): info, train, sample,
-bench and demo. Run ``sit-ext <command> --help`` for the options."""
+encode, export, evaluate, bench and demo. Run ``sit-ext <command> --help`` for the options."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
 
 from . import data as data_lib
+from . import sampler_bench
 from ._build import build_info, format_build_info
 from .training import CheckpointError, TrainConfig, load_checkpoint, load_weights, resolve_device
 
@@ -33,61 +35,99 @@ def cmd_info(args) -> int:
 # ------------------------------------------------------------------ train
 
 
-def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+_UNSET = {"loss_weight": "none", "train_eps": "the path's, as the official code", "grad_clip": "none",
+          "sample_eps": "the path's, as the official code"}
+
+
+def _default(name: str) -> str:
+    """The default of a train flag, as --help shows it: per built-in data set where those differ."""
+    from .training import DATA_DEFAULTS
+
+    def text(value):
+        return _UNSET.get(name, "the model's") if value is None else value
+
+    generic = getattr(TrainConfig(), name)
+    toy, digits = DATA_DEFAULTS[data_lib.TOYS[0]].get(name, generic), DATA_DEFAULTS["digits"].get(name, generic)
+    if toy == digits == generic:
+        return f"default: {text(generic)}"
+    if toy == digits:
+        return f"default: {text(toy)} for the built-in data, else {text(generic)}"
+    return f"default: {text(toy)} for the 2-D toys, {text(digits)} for digits, else {text(generic)}"
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """Every flag defaults to None here, so that the ones given can be told
+    apart (a resumed run keeps its own values); --help shows the real defaults."""
+
+    def flag(group, name, help_text="", **kwargs):
+        field = name.lstrip("-").replace("-", "_")
+        text = f"{help_text} ({_default(field)})" if help_text else f"({_default(field)})"
+        group.add_argument(name, default=None, help=text, **kwargs)
+
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", default=defaults.data,
-                   help=f"{', '.join(data_lib.TOYS)}, digits, or a folder of .npy/.pt arrays")
-    g.add_argument("--data-size", type=int, default=defaults.data_size, help="points drawn for a 2-D toy")
-    g.add_argument("--model", default=defaults.model, help="'vector', or a preset such as SiT-S/2 for images")
-    g.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
-    g.add_argument("--depth", type=int, default=defaults.depth)
-    g.add_argument("--heads", type=int, default=defaults.heads)
-    g.add_argument("--patch-size", type=int, default=defaults.patch_size)
-    g.add_argument("--class-dropout-prob", type=float, default=defaults.class_dropout_prob)
+    flag(g, "--data", f"{', '.join(data_lib.TOYS)}, digits, or a folder of .npy/.pt arrays")
+    flag(g, "--data-size", "points drawn for a 2-D toy", type=int)
+    flag(g, "--model", "'vector', or a preset such as SiT-S/2 for images")
+    flag(g, "--hidden-size", type=int)
+    flag(g, "--depth", type=int)
+    flag(g, "--heads", type=int)
+    flag(g, "--patch-size", type=int)
+    flag(g, "--class-dropout-prob", type=float)
     g = p.add_argument_group("path")
-    g.add_argument("--path", default=defaults.path, help="linear, cosine (gvp) or vp")
-    g.add_argument("--prediction", default=defaults.prediction, help="velocity, noise or score")
-    g.add_argument("--loss-weight", default=defaults.loss_weight, help="velocity or likelihood (noise/score)")
-    g.add_argument("--train-eps", type=float, default=defaults.train_eps)
-    g.add_argument("--sample-eps", type=float, default=defaults.sample_eps)
-    g.add_argument("--time-sampler", default=defaults.time_sampler, help="uniform or logit_normal")
+    flag(g, "--path", "linear, cosine (gvp) or vp")
+    flag(g, "--prediction", "velocity, noise or score")
+    flag(g, "--loss-weight", "velocity or likelihood (noise/score)")
+    flag(g, "--train-eps", type=float)
+    flag(g, "--sample-eps", type=float)
+    flag(g, "--time-sampler", "uniform or logit_normal")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=defaults.lr)
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    g.add_argument("--steps", type=int, default=defaults.steps)
-    g.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
-    g.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    g.add_argument("--precision", default=defaults.precision, choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action="store_true")
-    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="fused kernels (default) or plain PyTorch")
-    g.add_argument("--seed", type=int, default=defaults.seed)
-    g.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
+    flag(g, "--lr", type=float)
+    flag(g, "--weight-decay", type=float)
+    flag(g, "--batch-size", type=int)
+    flag(g, "--steps", "the step to train up to", type=int)
+    flag(g, "--grad-clip", type=float)
+    flag(g, "--ema-decay", "warmed up as min(decay, (1 + step) / (10 + step))", type=float)
+    flag(g, "--precision", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
+    flag(g, "--compile", "torch.compile the model", action="store_true")
+    flag(g, "--fused", "fused kernels or plain PyTorch", action=argparse.BooleanOptionalAction)
+    flag(g, "--seed", type=int)
+    flag(g, "--device", "auto, cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=defaults.out, help="run folder: latest.pt, log.jsonl, config.json")
-    g.add_argument("--ckpt-every", type=int, default=defaults.ckpt_every)
-    g.add_argument("--log-every", type=int, default=defaults.log_every)
+    flag(g, "--out", "run folder: latest.pt, log.jsonl, config.json")
+    flag(g, "--ckpt-every", type=int)
+    flag(g, "--log-every", type=int)
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default: OUT/latest.pt)")
+                   help="continue the run in --out (or from the checkpoint given): its settings apply, a "
+                        "conflicting flag is an error; --steps, --ckpt-every, --log-every, --device, --compile "
+                        "and --fused may change")
+    g.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _config(args) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-
-
 def cmd_train(args) -> int:
-    from .training import train
+    from .training import TrainingInterrupted, load_checkpoint, resume_config, train
 
-    cfg = _config(args)
-    for name in ("steps", "batch_size", "ckpt_every", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    resume = os.path.join(cfg.out, "latest.pt") if args.resume == "auto" else args.resume
-    summary = train(cfg, resume=resume, progress=not args.quiet)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for name in ("steps", "batch_size", "ckpt_every", "log_every", "data_size"):
+        if name in given and given[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite starts it again: pass one")
+    resume = None
+    if args.resume:
+        out = given.get("out", TrainConfig().out)
+        resume = os.path.join(out, "latest.pt") if args.resume == "auto" else args.resume
+        saved = TrainConfig.from_dict(load_checkpoint(resume)["config"])
+        cfg = resume_config(saved, given, resume)
+    else:
+        cfg = TrainConfig.for_data(given.pop("data", TrainConfig().data), **given)
+    try:
+        summary = train(cfg, resume=resume, progress=not args.quiet, overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        print(f"sit-ext train: interrupted at step {e.step}; checkpoint {e.checkpoint} "
+              f"(continue with --resume)", file=sys.stderr)
+        return 130
     if summary["rank"] == 0:
         print(f"trained {summary['steps']} steps, loss {summary['loss']:.4f}, "
               f"{summary['it_s']:.1f} it/s; checkpoint {summary['checkpoint']}")
@@ -99,6 +139,21 @@ def cmd_train(args) -> int:
 # ----------------------------------------------------------------- sample
 
 
+def _sample_batch(transport, model, z, labels, args, gen, progress):
+    """One batch from the noise z, ODE or SDE as asked (gen: the SDE's noise)."""
+    common = dict(model_kwargs={"y": labels} if labels is not None else None, cfg_scale=args.cfg_scale,
+                  cfg_interval=tuple(args.cfg_interval), progress=progress)
+    common |= dict(schedule=args.schedule, schedule_param=args.schedule_param)
+    if args.method == "ode":
+        return transport.sample_ode(model, z, method=args.solver, num_steps=args.steps, atol=args.atol,
+                                    rtol=args.rtol, **common)
+    return transport.sample_sde(model, z, method=args.solver if args.solver in ("euler", "heun") else "euler",
+                                num_steps=args.steps, diffusion_form=args.diffusion_form,
+                                diffusion_norm=args.diffusion_norm,
+                                last_step=None if args.last_step == "none" else args.last_step,
+                                last_step_size=args.last_step_size, generator=gen, **common)
+
+
 def _sample_with(transport, model, shape, n, args, labels, device):
     """n samples in batches of args.batch_size, ODE or SDE as asked."""
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -106,19 +161,8 @@ def _sample_with(transport, model, shape, n, args, labels, device):
     for start in range(0, n, args.batch_size):
         count = min(args.batch_size, n - start)
         z = torch.randn(count, *shape, device=device, generator=gen)
-        kwargs = {"y": labels[start : start + count]} if labels is not None else None
-        common = dict(model_kwargs=kwargs, cfg_scale=args.cfg_scale, cfg_interval=tuple(args.cfg_interval),
-                      progress=not args.quiet)
-        if args.method == "ode":
-            x = transport.sample_ode(model, z, method=args.solver, num_steps=args.steps, atol=args.atol,
-                                     rtol=args.rtol, **common)
-        else:
-            x = transport.sample_sde(model, z, method=args.solver if args.solver in ("euler", "heun") else "euler",
-                                     num_steps=args.steps, diffusion_form=args.diffusion_form,
-                                     diffusion_norm=args.diffusion_norm,
-                                     last_step=None if args.last_step == "none" else args.last_step,
-                                     last_step_size=args.last_step_size, generator=gen, **common)
-        out.append(x.float().cpu())
+        y = labels[start : start + count] if labels is not None else None
+        out.append(_sample_batch(transport, model, z, y, args, gen, not args.quiet).float().cpu())
     return torch.cat(out)
 
 
@@ -166,21 +210,39 @@ def write_samples(out_dir: str, samples: torch.Tensor, labels, kind: str, title:
     return written + [png]
 
 
-def cmd_sample(args) -> int:
+def _read_checkpoint(path: str) -> dict:
+    """A training checkpoint (.pt), or a ``sit-ext export`` (.safetensors, read
+    without pickle) as the same kind of dict: config, data, step and the one set
+    of weights it holds, under its name ("ema" or "model")."""
+    from .models import read_safetensors
+
+    if not path.endswith(".safetensors"):
+        return load_checkpoint(path)
+    state, meta = read_safetensors(path)
+    try:
+        config, info, which = json.loads(meta["config"]), json.loads(meta["data"]), meta["weights"]
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path!r} is not a sit-ext export: its metadata lacks the run's config, data or "
+                              "weights (sit-ext export writes them)") from None
+    return {"config": config, "data": info, which: state, "step": int(meta.get("step", 0))}
+
+
+def _load_sampler(args, device):
+    """(model, transport, sample shape, kind, num_classes, reference points)
+    for --official or --ckpt."""
     from .models import SiT
     from .training import build_model, make_transport
     from .transport import Transport
 
-    device = resolve_device(args.device)
     if (args.ckpt is None) == (args.official is None):
         raise ValueError("pass exactly one of --ckpt (a sit_ext checkpoint) or --official (an official SiT file)")
+    reference = None
     if args.official:
         model = SiT.from_pretrained(args.official, model=args.model, input_size=args.image_size // 8)
         transport = Transport("linear", "velocity", model_time="official")
         shape, kind, num_classes = (model.in_channels, model.input_size, model.input_size), "image", model.num_classes
-        reference = None
     else:
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = _read_checkpoint(args.ckpt)
         cfg = TrainConfig.from_dict(ckpt["config"])
         info = ckpt.get("data") or {}
         if "shape" not in info:
@@ -189,14 +251,126 @@ def cmd_sample(args) -> int:
                                 info.get("num_classes"))
         model = build_model(cfg, spec)
         which = "ema" if args.weights == "ema" else "model"
+        if which not in ckpt:
+            raise CheckpointError(f"{args.ckpt!r} holds only the {'model' if which == 'ema' else 'ema'} weights: "
+                                  f"drop --weights {args.weights}")
         load_weights(model, ckpt[which], f"the checkpoint's {which} weights")
+        step = int(ckpt.get("step", 0))
+        if which == "ema" and not ckpt.get("ema_warmup") and step * (1 - cfg.ema_decay) < 3:
+            # Checkpoints from before the EMA warm-up: an EMA of decay d needs a few 1 / (1 - d) steps.
+            print(f"sit-ext sample: warning: the EMA weights have seen only {step} updates at decay "
+                  f"{cfg.ema_decay} and are still close to the initial ones; sample with --weights model, "
+                  "or train longer", file=sys.stderr)
         transport = make_transport(cfg)
         shape, kind, num_classes = tuple(info["shape"]), spec.kind, info.get("num_classes")
-        reference = None
         if kind == "points" and cfg.data in data_lib.TOYS:
             reference = data_lib.toy_2d(cfg.data, args.num_samples, torch.Generator().manual_seed(12345))
     model = model.to(device).eval()
     model.fused = args.fused
+    return model, transport, shape, kind, num_classes, reference
+
+
+def _sample_seed(seed: int, index: int, stream: int) -> int:
+    """A generator seed of its own for each (--seed, sample index, stream):
+    stream 0 draws sample `index`'s starting noise, 1 the SDE noise of a batch
+    that starts with it."""
+    return (seed * 2**31 + index) * 2 + stream
+
+
+def _sample_images(args) -> int:
+    """--vae: decoded images, one PNG per sample in OUT/images (named by its
+    index), then OUT/samples.npz (ADM's layout) and OUT/samples.png (a grid).
+    Under torchrun rank r draws samples r, r + world, ...; sample i starts from
+    noise seeded by (--seed, i). PNGs already there are kept and skipped, so a
+    stopped run resumes, on any number of GPUs, where it stopped."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from . import images as images_lib
+    from . import vae as vae_lib
+    from .training import _distributed
+
+    rank, world, local_rank = _distributed()
+    device = resolve_device(args.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, transport, shape, kind, num_classes, _ = _load_sampler(args, device)
+    if kind != "image":
+        raise ValueError(f"--vae decodes image latents; this model makes {kind} data")
+    vae = vae_lib.load_vae(args.vae, device)
+    if shape[0] != vae.config.latent_channels:
+        raise ValueError(f"the model makes {shape[0]}-channel latents, the VAE {args.vae!r} decodes "
+                         f"{vae.config.latent_channels}")
+    labels = _labels(args, num_classes, args.num_samples, "cpu")
+    folder = os.path.join(args.out, "images")
+    os.makedirs(folder, exist_ok=True)
+    _check_sampling_settings(folder, args)
+    path = os.path.join(folder, "{:06d}.png").format
+    mine = range(rank, args.num_samples, world)
+    todo = [i for i in mine if not os.path.exists(path(i))]
+    t0 = time.perf_counter()
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sample", unit="img", dynamic_ncols=True,
+              disable=args.quiet or rank != 0) as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start : start + args.batch_size]
+            z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(_sample_seed(args.seed, i, 0)))
+                             for i in batch]).to(device)
+            gen = torch.Generator(device).manual_seed(_sample_seed(args.seed, batch[0], 1))
+            y = labels[batch].to(device) if labels is not None else None
+            latents = _sample_batch(transport, model, z, y, args, gen, progress=False)
+            for i, image in zip(batch, images_lib.to_uint8(vae_lib.decode(vae, latents))):
+                images_lib.save_png(path(i), image)
+            bar.update(len(batch))
+    drawn = torch.tensor([len(todo)], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(drawn)
+    if rank == 0:
+        images = np.stack([images_lib.read_image(path(i)) for i in tqdm(range(args.num_samples), desc="collect",
+                                                                         disable=args.quiet, dynamic_ncols=True)])
+        npz, png = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "samples.png")
+        images_lib.save_npz(npz, images, labels.numpy() if labels is not None else None)
+        images_lib.save_grid(png, images[:64])
+        print(f"{args.num_samples} images {list(images.shape[1:])}: {drawn.item()} drawn in "
+              f"{time.perf_counter() - t0:.1f} s, {args.num_samples - drawn.item()} kept from before; "
+              f"{folder}, {npz}, {png}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+_RUN_ONLY = ("num_samples", "batch_size", "device", "fused", "quiet", "out", "fn", "command")
+
+
+def _check_sampling_settings(folder: str, args) -> None:
+    """OUT/images/settings.json records what drew its images; a resumed run
+    with other settings would mix two kinds of sample, and is refused."""
+    settings = {k: v for k, v in vars(args).items() if k not in _RUN_ONLY}
+    path = os.path.join(folder, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{folder} holds images drawn with other settings ({', '.join(changed)}): resume with "
+                             "the same ones, or choose another --out")
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
+
+
+def cmd_sample(args) -> int:
+    for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.vae:
+        return _sample_images(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("under torchrun, sample writes images: pass --vae")
+    device = resolve_device(args.device)
+    model, transport, shape, kind, num_classes, reference = _load_sampler(args, device)
     labels = _labels(args, num_classes, args.num_samples, device)
     t0 = time.perf_counter()
     samples = _sample_with(transport, model, shape, args.num_samples, args, labels, device)
@@ -209,7 +383,7 @@ def cmd_sample(args) -> int:
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", help="a sit_ext checkpoint (latest.pt of a run)")
+    p.add_argument("--ckpt", help="a sit_ext checkpoint (latest.pt of a run) or its sit-ext export (.safetensors)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--official", help="an official SiT checkpoint file (local; never downloaded)")
     p.add_argument("--model", default="SiT-XL/2", help="preset of the --official file")
@@ -217,7 +391,11 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--method", default="ode", choices=["ode", "sde"])
-    p.add_argument("--solver", default="heun", help="ode: euler, heun, dopri5, ...; sde: euler, heun")
+    p.add_argument("--solver", default="heun",
+                   help="ode: euler, heun, adams (one evaluation a step), rk4, dopri5, ...; sde: euler, heun")
+    p.add_argument("--schedule", default="uniform", choices=["uniform", "shift", "power"],
+                   help="the time grid of fixed-step solvers")
+    p.add_argument("--schedule-param", type=float, help="shift s or power rho (default: the schedule's)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--rtol", type=float, default=1e-3)
@@ -232,7 +410,92 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="samples")
+    p.add_argument("--vae", help="decode with this AutoencoderKL (a local folder or a cached Hub id) to images: "
+                                 "OUT/images/*.png (kept on a rerun: it resumes), OUT/samples.npz (ADM layout), "
+                                 "OUT/samples.png; runs under torchrun")
     p.add_argument("--quiet", action="store_true")
+
+
+# ---------------------------------------------------- encode, export, evaluate
+
+
+def cmd_encode(args) -> int:
+    from . import vae as vae_lib
+
+    index = vae_lib.encode_folder(args.images, args.vae, args.out, image_size=args.image_size,
+                                  batch_size=args.batch_size, shard_size=args.shard_size, flip=args.flip,
+                                  seed=args.seed, device=resolve_device(args.device), progress=not args.quiet)
+    classes = f"{index['num_classes']} classes" if index["num_classes"] is not None else "no labels"
+    print(f"{index['count']} latents {index['shape']} (scaled by {index['scaling_factor']:g}), {classes}, in "
+          f"{len(index['shards'])} shards: {args.out}; train with --data {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .models import save_safetensors
+
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    ckpt = load_checkpoint(args.ckpt)
+    if "shape" not in (ckpt.get("data") or {}):
+        raise CheckpointError(f"{args.ckpt!r} does not record its data's shape")
+    if args.weights not in ckpt:
+        raise CheckpointError(f"{args.ckpt!r} holds no {args.weights} weights")
+    metadata = {"format": "sit_ext", "weights": args.weights, "step": str(int(ckpt["step"])),
+                "config": json.dumps(ckpt["config"]), "data": json.dumps(ckpt["data"])}
+    save_safetensors(args.out, ckpt[args.weights], metadata)
+    print(f"wrote {args.out}: the {args.weights} weights at step {ckpt['step']}, with the run's config")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import evaluate
+    from . import images as images_lib
+
+    net = evaluate.inception(args.feature_weights, resolve_device(args.device))  # first: fails fast
+    samples, ref = images_lib.read_images(args.samples), images_lib.read_images(args.ref)
+    result = evaluate.evaluate_images(net, samples, ref, args.batch_size, progress=not args.quiet)
+    rows = [("FID", f"{result['fid']:.4f}"),
+            ("Inception Score", f"{result['inception_score']:.4f} ± {result['inception_score_std']:.4f}"),
+            ("precision", f"{result['precision']:.4f}"), ("recall", f"{result['recall']:.4f}"),
+            ("images", f"{result['samples']} samples, {result['ref']} reference")]
+    for name, value in rows:
+        print(f"{name:<17}{value}")
+    print(json.dumps(result))
+    return 0
+
+
+def _add_image_commands(sub) -> None:
+    encode = sub.add_parser("encode", help="a folder of images to VAE latent shards for train",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    encode.add_argument("--images", required=True, help="a folder of images; class subfolders give the labels")
+    encode.add_argument("--vae", required=True, help="an AutoencoderKL: a local folder or a cached Hub id")
+    encode.add_argument("--out", required=True, help="folder for the shards and latents.json")
+    encode.add_argument("--image-size", type=int, default=256, help="center crop to this size (ADM's)")
+    encode.add_argument("--flip", default="both", choices=["both", "random", "none"],
+                        help="both: store each image and its mirror image; random: one of the two")
+    encode.add_argument("--batch-size", type=int, default=32)
+    encode.add_argument("--shard-size", type=int, default=10_000, help="latents per .npy shard")
+    encode.add_argument("--seed", type=int, default=0, help="for the latent samples and random flips")
+    encode.add_argument("--device", default="auto")
+    encode.add_argument("--quiet", action="store_true")
+    encode.set_defaults(fn=cmd_encode)
+    export = sub.add_parser("export", help="a checkpoint's weights as .safetensors, with the run's config")
+    export.add_argument("--ckpt", required=True, help="a sit_ext checkpoint (latest.pt of a run)")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.add_argument("--weights", default="ema", choices=["ema", "model"])
+    export.set_defaults(fn=cmd_export)
+    evaluate = sub.add_parser("evaluate", help="FID, Inception Score, precision, recall (torch-fidelity)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("--samples", required=True, help="an ADM .npz (arr_0) or a folder of images")
+    evaluate.add_argument("--ref", required=True, help="the reference images: an ADM .npz or a folder")
+    evaluate.add_argument("--feature-weights", required=True,
+                          help="torch-fidelity's InceptionV3 weights, a local file (.pth, or .safetensors): "
+                               "weights-inception-2015-12-05-6726825d.pth from its releases")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(fn=cmd_evaluate)
 
 
 # ------------------------------------------------------------------ bench
@@ -241,21 +504,31 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args) -> int:
     from . import benchmark, plots
 
+    device = resolve_device(args.device)  # bad input fails here, before the restart
+    if args.samplers:
+        from . import sampler_bench
+
+        sampler_bench.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
+                          seed=args.seed)
+        return 0
     benchmark.reexec_with_stable_allocator()
     os.makedirs(args.out, exist_ok=True)
-    device = resolve_device(args.device)
     stamp = time.strftime("%Y-%m-%d")
     ops_json = os.path.join(args.out, f"{stamp}-{device.type}-ops.json")
-    result = benchmark.run(args.ops or list(benchmark.OP_FAMILIES), str(device), quick=args.quick, out=ops_json)
+    # --quick: about a minute on 2 CPU cores, the models included (SiT-S/8, no torch.compile).
+    compile_ = not (args.no_compile or args.quick)
+    result = benchmark.run(args.ops or list(benchmark.OP_FAMILIES), str(device), quick=args.quick, out=ops_json,
+                           budget=40 if args.quick else None, compile_=compile_)
     if args.models:
-        benchmark.run_models(str(device), compile_=not args.no_compile,
+        benchmark.run_models(str(device), models=["SiT-S/8"] if args.quick else None, compile_=compile_,
+                             budget=20 if args.quick else None,
                              out=os.path.join(args.out, f"{stamp}-{device.type}-models.json"))
     rows = result["results"]
     labels = [f"{r['op']} {r['mode']} {r['size']} B{r['shape'][0]} {r['dtype']}" for r in rows]
     png = os.path.join(args.out, f"{stamp}-{device.type}-speedups.png")
     try:
         plots.speedup_bars(png, labels, {"vs eager": [r["x_vs_eager"] for r in rows],
-                                         "vs torch.compile": [r["x_vs_compiled"] for r in rows]},
+                                         "vs torch.compile": [r.get("x_vs_compiled", float("nan")) for r in rows]},
                            title=f"sit_ext on {result['meta'].get('device_name', result['meta']['cpu'])}")
         print(f"# wrote {png}")
     except ImportError as e:
@@ -269,19 +542,22 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     """Trains a small SiT on built-in data, samples it, writes the picture,
     prints a quality figure and the fused vs unfused training-step speed."""
-    from .training import train
+    from .evaluate import frechet_distance
+    from .training import DATA_DEFAULTS, train
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     digits = args.data == "digits"
-    steps = args.steps or ((3000 if cuda else 1200) if not digits else (3000 if cuda else 1500))
-    cfg = TrainConfig(data=args.data, model="SiT-S/2" if digits else "vector", hidden_size=128, depth=4, heads=4,
-                      patch_size=2 if digits else None, lr=1e-3, batch_size=256 if digits else 512, steps=steps,
-                      ema_decay=0.995, seed=args.seed, out=args.out, ckpt_every=steps, log_every=50,
-                      device=str(device), fused=True)
+    if args.data not in DATA_DEFAULTS:
+        raise ValueError(f"--data {args.data!r}: the demo runs on {', '.join(DATA_DEFAULTS)}")
+    steps = args.steps or (3000 if cuda else DATA_DEFAULTS[args.data]["steps"])
+    out = args.out or tempfile.mkdtemp(prefix="sit-ext-demo-")
+    cfg = TrainConfig.for_data(args.data, steps=steps, seed=args.seed, out=out, ckpt_every=steps, log_every=50,
+                               device=str(device), fused=True)
     print(f"sit-ext demo: training a {cfg.depth}-block SiT (D={cfg.hidden_size}) on {cfg.data} for {steps} steps "
-          f"on {device}")
-    summary = train(cfg, progress=not args.quiet)
+          f"on {device}; output in {out}")
+    # Running the demo again into its own folder replaces it; a folder holding a training run is refused.
+    summary = train(cfg, progress=not args.quiet, overwrite=os.path.exists(os.path.join(out, "demo.json")))
     ema, transport = summary["ema"].eval(), summary["transport"]
     print(f"trained in {summary['seconds']:.0f} s ({summary['it_s']:.1f} it/s), final loss {summary['loss']:.4f}")
 
@@ -294,7 +570,7 @@ def cmd_demo(args) -> int:
         fresh = data_lib.toy_2d(cfg.data, n, torch.Generator().manual_seed(20_000 + args.seed))
         quality = data_lib.sliced_wasserstein(samples, held_out)
         floor = data_lib.sliced_wasserstein(fresh, held_out)
-        written = write_samples(args.out, samples, None, "points",
+        written = write_samples(out, samples, None, "points",
                                 f"{cfg.data}: sliced W1 {quality:.3f} (data vs data {floor:.3f})", held_out)
         print(f"quality: sliced Wasserstein distance to held-out data {quality:.4f} "
               f"(a fresh draw of the data: {floor:.4f})")
@@ -311,12 +587,17 @@ def cmd_demo(args) -> int:
         judge = data_lib.DigitClassifier(x[train_idx], y[train_idx])
         quality, floor = judge.accuracy(samples, labels), judge.accuracy(x[test_idx], y[test_idx])
         per_row = samples.view(10, per_class, 1, 8, 8)[:, :8].reshape(-1, 1, 8, 8)  # a row per class
-        written = write_samples(args.out, samples, labels, "image",
+        written = write_samples(out, samples, labels, "image",
                                 f"digits 0-9, a row each, cfg {args.cfg_scale:g}: class accuracy {quality:.2f}",
                                 picture=per_row, rows=10)
         print(f"quality: a classifier trained on real digits recognises the requested class in {quality:.1%} "
               f"of the samples (held-out real digits: {floor:.1%})")
-        result = {"class_accuracy": quality, "real_accuracy": floor}
+        # The Frechet distance of `sit-ext evaluate`, on the classifier's features: samples and, as the
+        # floor, as many real training digits, each against the held-out digits.
+        fd = frechet_distance(judge.features(samples), judge.features(x[test_idx]))
+        fd_floor = frechet_distance(judge.features(x[train_idx[: len(samples)]]), judge.features(x[test_idx]))
+        print(f"quality: Frechet distance on the classifier's features {fd:.2f} (real digits: {fd_floor:.2f})")
+        result = {"class_accuracy": quality, "real_accuracy": floor, "frechet": fd, "frechet_floor": fd_floor}
     print("wrote " + ", ".join(written))
 
     fused_ms, unfused_ms = _step_speed(cfg, device)
@@ -324,7 +605,7 @@ def cmd_demo(args) -> int:
           f"(x{unfused_ms / fused_ms:.2f})")
     result |= {"fused_step_ms": fused_ms, "unfused_step_ms": unfused_ms, "train_seconds": summary["seconds"],
                "steps": steps, "loss": summary["loss"]}
-    with open(os.path.join(args.out, "demo.json"), "w") as f:
+    with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump(result, f, indent=1)
     return 0
 
@@ -367,21 +648,26 @@ def parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="the build, and the device")
     info.add_argument("--device", default="auto")
     info.set_defaults(fn=cmd_info)
-    train = sub.add_parser("train", help="train a SiT", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_train_args(train, TrainConfig())
+    train = sub.add_parser("train", help="train a SiT")
+    _add_train_args(train)
     train.set_defaults(fn=cmd_train)
     sample = sub.add_parser("sample", help="sample from a checkpoint",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_sample_args(sample)
     sample.set_defaults(fn=cmd_sample)
+    _add_image_commands(sub)
     bench = sub.add_parser("bench", help="kernel and model benchmarks: table, JSON, PNG chart")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--ops", nargs="+", help="op families (default: all)")
-    bench.add_argument("--quick", action="store_true", help="one size and batch per op")
+    bench.add_argument("--quick", action="store_true",
+                       help="one size and batch per op, a small model, no torch.compile: about a minute")
     bench.add_argument("--models", action=argparse.BooleanOptionalAction, default=True,
                        help="also the SiT train step and sampling forward")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile model variants")
     bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--samplers", action="store_true",
+                       help="instead: sampler accuracy per model evaluation against exact answers (JSON, PNG)")
+    sampler_bench.add_arguments(bench)
     bench.set_defaults(fn=cmd_bench)
     demo = sub.add_parser("demo", help="train, sample, picture, quality and speed in a couple of minutes")
     demo.add_argument("--data", default="moons",
@@ -390,7 +676,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--cfg-scale", type=float, default=2.0, help="guidance for digits")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--out", default="sit-ext-demo")
+    demo.add_argument("--out", help="output folder (default: a new temporary folder)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(fn=cmd_demo)
     return p
@@ -400,9 +686,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        # Bad input (a missing or corrupt checkpoint, unknown names, unusable data): a message, not a traceback.
-        print(f"sit-ext {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"sit-ext {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as e:
+        # User errors by category: bad values and names, unusable files and folders (named in the
+        # message), a missing optional package. One line, not a traceback.
+        message = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
+        print(f"sit-ext {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

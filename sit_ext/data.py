@@ -6,10 +6,13 @@
 - A folder of ``.npy`` / ``.pt`` arrays, one sample per file (for example
   pre-extracted VAE latents), with optional integer labels in ``labels.npy``
   or ``labels.pt`` (one per sample, in sorted file-name order).
+- A folder of latent shards written by ``sit-ext encode`` (``latents.json``
+  and one ``.npy`` array per shard): see ``load_latent_shards``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._io import FileFormatError, first_line, torch_load
 
 TOYS = ("checkerboard", "moons", "8gaussians", "spirals")
 
@@ -109,29 +114,169 @@ def load_folder(path: str) -> Dataset:
         examples = ", ".join(f"{n}: {tuple(a.shape)}" for n, a in list(zip(names, arrays))[:4])
         raise DataError(f"arrays in {path!r} have {len(shapes)} different shapes ({examples}, ...): "
                         "every sample must have the same shape")
+    for name, a in zip(names, arrays):
+        if not (a.dtype.is_floating_point or a.dtype in _INTEGER):
+            raise DataError(f"{os.path.join(path, name)} holds {a.dtype} values: expected numbers")
+        if a.dtype.is_floating_point and not torch.isfinite(a).all():
+            raise DataError(f"{os.path.join(path, name)} holds NaN or infinite values")
     x = torch.stack(arrays).float()
     labels = None
     for label_file in ("labels.npy", "labels.pt"):
         if os.path.exists(os.path.join(path, label_file)):
-            labels = _load_array(os.path.join(path, label_file)).long().reshape(-1)
-            if labels.shape[0] != x.shape[0]:
-                raise DataError(f"{label_file} has {labels.shape[0]} labels for {x.shape[0]} samples")
-            if labels.min() < 0:
-                raise DataError(f"{label_file} holds negative labels")
+            labels = check_labels(_load_array(os.path.join(path, label_file)), x.shape[0],
+                                  os.path.join(path, label_file))
     return Dataset(os.path.basename(os.path.normpath(path)), x, labels,
                    int(labels.max()) + 1 if labels is not None else None)
+
+
+_INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_labels(labels: Tensor, n: int, source: str) -> Tensor:
+    """labels as int64 [n], refusing fractions, negatives and a wrong count, with `source` named."""
+    labels = labels.reshape(-1)
+    if labels.shape[0] != n:
+        raise DataError(f"{source} has {labels.shape[0]} labels for {n} samples")
+    if labels.dtype.is_floating_point:
+        if not torch.isfinite(labels).all() or (labels != labels.round()).any():
+            raise DataError(f"{source} holds labels that are not integers")
+    elif labels.dtype not in _INTEGER:
+        raise DataError(f"{source} holds {labels.dtype} labels: expected integers")
+    labels = labels.long()
+    if n and labels.min() < 0:
+        raise DataError(f"{source} holds negative labels")
+    return labels
 
 
 def _load_array(path: str) -> Tensor:
     try:
         if path.endswith(".npy"):
             return torch.from_numpy(np.load(path, allow_pickle=False))
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise DataError(f"cannot read {path}: {e}") from None
+        value = torch_load(path, "array file")
+    except FileFormatError as e:
+        raise DataError(str(e)) from None
+    except (ValueError, OSError, EOFError) as e:  # numpy: truncated, pickled or not an .npy file
+        raise DataError(f"cannot read {path}: {first_line(e)}") from None
+    except TypeError:  # torch.from_numpy: strings, objects
+        raise DataError(f"{path} holds values that are not numbers") from None
     if not isinstance(value, Tensor):
         raise DataError(f"{path} holds a {type(value).__name__}, not a tensor")
     return value
+
+
+# --------------------------------------------------------- latent shards
+
+LATENT_INDEX = "latents.json"
+
+
+class LatentShardWriter:
+    """Writes latents [N, C, H, W] and optional labels [N] as shards of
+    `shard_size` samples, latents-00000.npy (float32) and labels-00000.npy
+    (int64), then the index latents.json (shape, counts, files and `meta`).
+    The index comes last: a folder without one was never finished."""
+
+    def __init__(self, folder: str, shard_size: int, meta: dict):
+        if os.path.exists(os.path.join(folder, LATENT_INDEX)):
+            raise DataError(f"{folder!r} already holds latents ({LATENT_INDEX}): choose another folder")
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.shard_size, self.meta = folder, shard_size, meta
+        self.shards: list[dict] = []
+        self.shape: list[int] | None = None
+        self.labeled = False
+        self._x: list[Tensor] = []
+        self._y: list[Tensor] = []
+        self._pending = 0
+
+    def add(self, latents: Tensor, labels: Tensor | None = None) -> None:
+        if self.shape is None:
+            self.shape, self.labeled = list(latents.shape[1:]), labels is not None
+        if list(latents.shape[1:]) != self.shape or (labels is not None) != self.labeled:
+            raise ValueError(f"latents {list(latents.shape[1:])} with{'out' if labels is None else ''} labels after "
+                             f"{self.shape} with{'' if self.labeled else 'out'}: every batch must match the first")
+        if labels is not None and len(labels) != len(latents):
+            raise ValueError(f"{len(labels)} labels for {len(latents)} latents")
+        self._x.append(latents.float())
+        if labels is not None:
+            self._y.append(labels.long())
+        self._pending += len(latents)
+        while self._pending >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        x = torch.cat(self._x)
+        y = torch.cat(self._y) if self._y else None
+        entry = {"latents": f"latents-{len(self.shards):05d}.npy", "count": n}
+        np.save(os.path.join(self.folder, entry["latents"]), x[:n].numpy())
+        if y is not None:
+            entry["labels"] = f"labels-{len(self.shards):05d}.npy"
+            np.save(os.path.join(self.folder, entry["labels"]), y[:n].numpy())
+        self.shards.append(entry)
+        self._x, self._y = [x[n:]], [y[n:]] if y is not None else []
+        self._pending -= n
+
+    def close(self) -> dict:
+        """Writes the last shard and the index; returns the index."""
+        if self._pending:
+            self._flush(self._pending)
+        index = {"format": "sit_ext latents", "count": sum(s["count"] for s in self.shards), "shape": self.shape,
+                 "dtype": "float32", "shards": self.shards, **self.meta}
+        tmp = os.path.join(self.folder, f".{LATENT_INDEX}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, os.path.join(self.folder, LATENT_INDEX))
+        return index
+
+
+def load_latent_shards(path: str, progress: bool = True) -> Dataset:
+    """The latents a LatentShardWriter wrote (``sit-ext encode``), read shard
+    by shard from memory-mapped .npy files, with a progress bar (rank 0, on a
+    terminal). Checked, naming the file: shapes and counts as the index says,
+    finite values, integer labels in [0, num_classes)."""
+    index_path = os.path.join(path, LATENT_INDEX)
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        shape, shards, num_classes = [int(s) for s in index["shape"]], index["shards"], index.get("num_classes")
+        counts = [int(s["count"]) for s in shards]
+        num_classes = int(num_classes) if num_classes is not None else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read the latent index {index_path}: {first_line(e)}") from None
+    if not sum(counts):
+        raise DataError(f"{index_path} lists no latents")
+    x = torch.empty(sum(counts), *shape)
+    labels = torch.empty(len(x), dtype=torch.int64) if num_classes is not None else None
+    from tqdm.auto import tqdm
+
+    quiet = not progress or os.environ.get("RANK", "0") != "0"
+    with tqdm(total=len(x), desc="load latents", unit="sample", disable=True if quiet else None) as bar:
+        start = 0
+        for shard, n in zip(shards, counts):
+            file = os.path.join(path, shard["latents"])
+            arr = _open_npy(file)
+            if list(arr.shape) != [n, *shape] or not np.issubdtype(arr.dtype, np.floating):
+                raise DataError(f"{file} holds {arr.dtype} {list(arr.shape)}; {LATENT_INDEX} says float {[n, *shape]}")
+            block = x[start : start + n].numpy()
+            block[...] = arr  # reads the memory-mapped shard into place
+            if not np.isfinite(block).all():
+                raise DataError(f"{file} holds NaN or infinite values")
+            if labels is not None:
+                if "labels" not in shard:
+                    raise DataError(f"{index_path} gives num_classes but no labels file for {shard['latents']}")
+                label_file = os.path.join(path, shard["labels"])
+                y = check_labels(torch.from_numpy(np.array(_open_npy(label_file))), n, label_file)
+                if n and y.max() >= num_classes:
+                    raise DataError(f"{label_file} holds labels >= {num_classes}, the index's num_classes")
+                labels[start : start + n] = y
+            start += n
+            bar.update(n)
+    return Dataset(os.path.basename(os.path.normpath(path)), x, labels, num_classes)
+
+
+def _open_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot read {path}: {first_line(e)}") from None
 
 
 # ---------------------------------------------------------------- loading
@@ -144,6 +289,8 @@ def load(name: str, n: int = 50_000, seed: int = 0) -> Dataset:
     if name == "digits":
         x, y = load_digits()
         return Dataset("digits", x, y, 10)
+    if os.path.isfile(os.path.join(name, LATENT_INDEX)):
+        return load_latent_shards(name)
     if os.path.isdir(name):
         return load_folder(name)
     raise DataError(f"unknown data {name!r}: choose one of {list(TOYS) + ['digits']} or a folder of arrays")
@@ -185,6 +332,13 @@ class DigitClassifier:
             return loss
 
         opt.step(closure)
+
+    @torch.no_grad()
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        """The 10 class logits per image [N, 10]: the features whose Fréchet
+        distance (sit_ext.evaluate.frechet_distance) the digits demo reports."""
+        return x.reshape(len(x), -1).float().cpu() @ self.weight + self.bias
 
     @torch.no_grad()
     def accuracy(self, x: Tensor, y: Tensor) -> float:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 from collections.abc import Mapping
 
 import torch
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 
 from . import ops
 from . import reference as ref
+from ._io import FileFormatError, torch_load
 
 # ------------------------------------------------------------ embeddings
 
@@ -234,6 +234,8 @@ class SiT(nn.Module):
                  class_dropout_prob: float = 0.1, num_classes: int | None = 1000, learn_sigma: bool = True,
                  *, fused: bool = True):
         super().__init__()
+        for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels)):
+            _positive_int(name, value)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")
         self.kind = "image"
@@ -255,8 +257,9 @@ class SiT(nn.Module):
         """The seed's vector model: x [B, input_dim] or [B, L, input_dim] (L <=
         max_seq_len), t [B] in [0, 1] (scaled by num_steps before embedding),
         optional labels y [B]. Returns the velocity in x's shape."""
-        if input_dim < 1 or max_seq_len < 1:
-            raise ValueError(f"input_dim and max_seq_len must be >= 1, got {input_dim}, {max_seq_len}")
+        _positive_int("input_dim", input_dim)
+        _positive_int("max_seq_len", max_seq_len)
+        _positive_int("num_steps", num_steps)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.kind = "vector"
@@ -272,8 +275,9 @@ class SiT(nn.Module):
     def _build_backbone(self, hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob,
                         out_features, fused):
         for name, value in (("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            _positive_int(name, value)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
             raise ValueError(f"num_classes must be None or an integer >= 0, got {num_classes!r}")
         if not 0.0 <= class_dropout_prob < 1.0:
@@ -332,6 +336,9 @@ class SiT(nn.Module):
         return self.x_embedder(tokens) + self.pos_embed[:, : tokens.shape[1]]
 
     def _condition(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        for name, value in (("x", x), ("t", t)) + ((("y", y),) if y is not None else ()):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"SiT: {name} must be a Tensor, got {type(value).__name__}")
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"SiT: expected t of shape [{x.shape[0]}], got {tuple(t.shape)}")
         c = self.t_embedder(t * self.time_scale if self.time_scale != 1.0 else t)
@@ -412,40 +419,89 @@ class SiT(nn.Module):
     def from_pretrained(cls, path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
                         model: str = "SiT-XL/2", map_location: str | torch.device = "cpu",
                         **overrides) -> SiT:
-        """An official (or sit_ext) SiT checkpoint, from a local file or a state
-        dict: a plain state dict, or a dict with "ema" (preferred) or "model".
-        Never downloads. Files load with weights_only=True: a file that needs
-        arbitrary unpickling is refused. `overrides` change the preset's
-        constructor arguments (e.g. input_size=64, num_classes=10)."""
+        """An official (or sit_ext) SiT checkpoint, in eval mode, from a local
+        file or a state dict: a plain state dict, or a dict with "ema"
+        (preferred) or "model"; or a .safetensors file (``sit-ext export``
+        writes one), read without pickle. Never downloads. Other files load with
+        weights_only=True: a file that needs arbitrary unpickling is refused.
+        `overrides` change the preset's constructor arguments (e.g.
+        input_size=64, num_classes=10)."""
         if model not in SiT_models:
             raise ValueError(f"unknown model {model!r}: choose from {sorted(SiT_models)}")
         state = load_state_dict(path_or_state_dict, map_location)
         net = SiT_models[model](**overrides)
         check_state_dict(net, state, model)
         net.load_state_dict(state, strict=True)
-        return net
+        return net.eval()
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def load_state_dict(path_or_state_dict, map_location="cpu") -> dict[str, Tensor]:
     """The model weights in a checkpoint: its "ema" entry, else its "model"
-    entry, else the whole dict."""
+    entry, else the whole dict; a .safetensors file's tensors."""
     if isinstance(path_or_state_dict, Mapping):
-        ckpt = path_or_state_dict
+        ckpt, source = path_or_state_dict, "the state dict"
+    elif not isinstance(path_or_state_dict, (str, os.PathLike)):
+        raise TypeError("path_or_state_dict must be a file path or a mapping of names to tensors, "
+                        f"got {type(path_or_state_dict).__name__}")
+    elif os.fspath(path_or_state_dict).endswith(".safetensors"):
+        return read_safetensors(path_or_state_dict, map_location)[0]
     else:
-        try:
-            # argparse.Namespace: the official training checkpoints store their args in one.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path_or_state_dict, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"refusing to load {path_or_state_dict}: it holds more than tensors and plain "
-                             f"values, and loading it would run code from the file ({e})") from None
+        # argparse.Namespace: the official training checkpoints store their args in one.
+        source = repr(os.fspath(path_or_state_dict))
+        ckpt = torch_load(path_or_state_dict, "checkpoint", safe_globals=(argparse.Namespace,))
+        if not isinstance(ckpt, Mapping):
+            raise FileFormatError(f"checkpoint {source} holds a {type(ckpt).__name__}, not a state dict")
     for key in ("ema", "model"):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
             break
     if not all(isinstance(v, Tensor) for v in ckpt.values()):
-        raise ValueError("checkpoint is not a state dict: expected a mapping of names to tensors")
-    return dict(ckpt)
+        raise ValueError(f"{source} is not a state dict: expected a mapping of names to tensors")
+    return {k: v.to(map_location) for k, v in ckpt.items()}
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(".safetensors files need safetensors: pip install 'sit_ext[vae]' (or pip install "
+                          "safetensors)") from None
+    return safetensors
+
+
+def read_safetensors(path: str | os.PathLike, map_location="cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors file: no pickle, no code run."""
+    safetensors = _safetensors()
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder, not a .safetensors file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist")
+    try:
+        with safetensors.safe_open(path, framework="pt", device=str(map_location)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header or file
+        raise ValueError(f"cannot read {path!r} as safetensors: {str(e).splitlines()[0][:200]}") from None
+
+
+def save_safetensors(path: str | os.PathLike, state: Mapping[str, Tensor], metadata: dict[str, str]) -> None:
+    """Writes contiguous copies of `state` with string `metadata`, through a
+    temporary file renamed over `path`."""
+    safetensors = _safetensors()
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp,
+                                    metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_state_dict(net: nn.Module, state: Mapping[str, Tensor], name: str) -> None:

@@ -29,6 +29,33 @@ def schedule_id(schedule: str) -> int:
     return SCHEDULES[schedule]
 
 
+def _tensors(op: str, **args) -> None:
+    """TypeError naming the argument when a required tensor is something else
+    (None, a list, a float)."""
+    for name, value in args.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"sit_ext.{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def _outputs(outputs) -> list[bool]:
+    if (not isinstance(outputs, (tuple, list)) or len(outputs) != 2
+            or not all(isinstance(o, bool) for o in outputs)):
+        raise ValueError(f"outputs must be a pair of bools (x_t, u_t), got {outputs!r}")
+    return list(outputs)
+
+
+def _eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _out_dtype(out_dtype) -> torch.dtype | None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be None or a floating torch.dtype, got {out_dtype!r}")
+    return out_dtype
+
+
 def _time_input(x: Tensor, t: Tensor | None, schedule: str, coefficients: Coefficients | None,
                 used: tuple[bool, bool, bool, bool] = (True, True, True, True)) -> tuple[Tensor, int]:
     """(t, schedule id) for the kernels: t [B] with a built-in schedule, or the
@@ -38,12 +65,16 @@ def _time_input(x: Tensor, t: Tensor | None, schedule: str, coefficients: Coeffi
     sqrt(t) at t = 0, say) on its way back and turns into NaN."""
     if coefficients is None:
         if not isinstance(t, Tensor):
-            raise ValueError("t must be a tensor of shape [B] (or pass coefficients=...)")
+            raise TypeError(f"t must be a tensor of shape [B] (or pass coefficients=...), got {type(t).__name__}")
         return t, schedule_id(schedule)
     if t is not None:
         raise ValueError("pass either t (with a built-in schedule) or coefficients, not both")
-    if len(coefficients) != 4:
-        raise ValueError("coefficients must be (alpha, beta, d_alpha, d_beta)")
+    if isinstance(coefficients, Tensor) or not isinstance(coefficients, Sequence) or len(coefficients) != 4:
+        # A [B, 4] (or [4, B]) tensor would be unpacked row by row: ask for the columns explicitly.
+        got = (f"a tensor of shape {tuple(coefficients.shape)}" if isinstance(coefficients, Tensor)
+               else repr(coefficients))
+        raise TypeError("coefficients must be a sequence of 4 tensors (alpha, beta, d_alpha, d_beta), each [B], "
+                        f"got {got}; for a [B, 4] table pass table.unbind(1)")
     batch = x.shape[0] if x.dim() > 0 else None
     for name, c in zip(("alpha", "beta", "d_alpha", "d_beta"), coefficients):
         if not isinstance(c, Tensor) or c.dim() != 1 or c.shape[0] != batch:
@@ -53,6 +84,9 @@ def _time_input(x: Tensor, t: Tensor | None, schedule: str, coefficients: Coeffi
 
 
 def _check_weight(weight: Tensor | None, per_sample: Tensor) -> None:
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be None or a tensor of shape [{per_sample.shape[0]}], "
+                        f"got {type(weight).__name__}")
     if weight is not None and (weight.dim() != 1 or weight.shape[0] != per_sample.shape[0]):
         raise ValueError(f"weight must have shape [{per_sample.shape[0]}], got {tuple(weight.shape)}")
 
@@ -92,8 +126,10 @@ def interpolant(x: Tensor, noise: Tensor, t: Tensor | None = None, schedule: str
     d_alpha, d_beta), each [B], for any other schedule (these receive gradients).
     `outputs` picks which of x_t, u_t to compute; the other comes back empty.
     """
+    _tensors("interpolant", x=x, noise=noise)
+    outputs = _outputs(outputs)
     tt, sid = _time_input(x, t, schedule, coefficients, (outputs[0], outputs[0], outputs[1], outputs[1]))
-    return _ops.interpolant.default(x, noise, tt, sid, list(outputs))
+    return _ops.interpolant.default(x, noise, tt, sid, outputs)
 
 
 @torch.library.register_fake("sit_ext::interpolant")
@@ -148,6 +184,7 @@ def velocity_mse(pred: Tensor, x: Tensor, noise: Tensor, t: Tensor | None = None
     returns it. The result is float32 (float64 when pred or x is float64).
     Gradients come back in each input's dtype.
     """
+    _tensors("velocity_mse", pred=pred, x=x, noise=noise)
     tt, sid = _time_input(x, t, schedule, coefficients, (False, False, True, True))
     per_sample = _ops.velocity_mse.default(pred, x, noise, tt, sid)
     _check_weight(weight, per_sample)
@@ -197,6 +234,7 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
     """Mean of (pred - target)^2 over all elements, fused forward and backward.
     pred and target may differ in dtype (each is read as it is). Returns a 0-d
     float32 tensor (float64 when either is float64)."""
+    _tensors("mse", pred=pred, target=target)
     return _ops.mse.default(pred, target)
 
 
@@ -241,19 +279,23 @@ def _(grad, pred, target, output_mask):
 def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
                 out_dtype: torch.dtype | None = None) -> Tensor:
     """y = LayerNorm(x) (1 + scale) + shift, LayerNorm without affine."""
-    return _ops.ln_modulate.default(x, shift, scale, eps, out_dtype)[0]
+    _tensors("ln_modulate", x=x, shift=shift, scale=scale)
+    return _ops.ln_modulate.default(x, shift, scale, _eps(eps), _out_dtype(out_dtype))[0]
 
 
 def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(x_out, y) with x_out = x + gate h and y = LayerNorm(x_out) (1 + scale) + shift:
     the end of one sub-block and the start of the next, in one pass."""
-    x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(x, h, gate, shift, scale, eps, out_dtype)
+    _tensors("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale)
+    x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(x, h, gate, shift, scale, _eps(eps),
+                                                             _out_dtype(out_dtype))
     return x_out, y
 
 
 def gated_residual(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
     """x + gate h."""
+    _tensors("gated_residual", x=x, h=h, gate=gate)
     return _ops.gated_residual.default(x, h, gate)
 
 

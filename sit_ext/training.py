@@ -7,11 +7,14 @@ with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +25,22 @@ import torch.distributed as dist
 from torch import nn
 
 from . import data as data_lib
+from ._io import FileFormatError, torch_load
 from .models import SiT, SiT_models
 from .transport import Transport
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or for another model."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training, raised at the end of the step it came in, after
+    a checkpoint was written (single process) or not (see `checkpoint`)."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -66,6 +79,34 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def for_data(cls, data: str, **given) -> TrainConfig:
+        """The defaults, then those of a built-in data set (DATA_DEFAULTS), then `given`."""
+        return cls(**{"data": data, **DATA_DEFAULTS.get(data, {}), **given})
+
+
+# Defaults for the built-in data that learn in minutes on a CPU (the demo's settings).
+_TOY_DEFAULTS = {"hidden_size": 128, "depth": 4, "heads": 4, "lr": 1e-3, "batch_size": 512, "steps": 1200,
+                 "ema_decay": 0.995}
+DATA_DEFAULTS = {**{name: _TOY_DEFAULTS for name in data_lib.TOYS},
+                 "digits": {**_TOY_DEFAULTS, "model": "SiT-S/2", "patch_size": 2, "batch_size": 256,
+                            "steps": 1500}}
+# What a resumed run may change: how long it runs, where and how fast. Every
+# other field defines the run and comes from its checkpoint.
+RUNTIME_FIELDS = ("steps", "out", "ckpt_every", "log_every", "device", "compile", "fused")
+
+
+def resume_config(saved: TrainConfig, given: dict, source: str) -> TrainConfig:
+    """The config of a resumed run: the saved one, with the runtime fields in
+    `given` applied; a run-defining field in `given` that differs from the
+    saved value is an error naming its flag."""
+    for name, value in given.items():
+        if name not in RUNTIME_FIELDS and value != getattr(saved, name):
+            raise ValueError(f"--{name.replace('_', '-')} {value} conflicts with the run being resumed "
+                             f"({getattr(saved, name)} in {source}): drop the flag to continue that run, "
+                             "or start a new run in another --out")
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in RUNTIME_FIELDS})
+
 
 # ------------------------------------------------------------------ pieces
 
@@ -81,18 +122,28 @@ def build_model(cfg: TrainConfig, ds: data_lib.Dataset) -> SiT:
         if name not in SiT_models:
             raise ValueError(f"unknown model {name!r}: choose 'vector' or one of {sorted(SiT_models)}")
         overrides = {k: v for k, v in (("hidden_size", cfg.hidden_size), ("depth", cfg.depth),
-                                       ("num_heads", cfg.heads), ("patch_size", cfg.patch_size)) if v}
+                                       ("num_heads", cfg.heads), ("patch_size", cfg.patch_size)) if v is not None}
         return SiT_models[name](input_size=height, in_channels=channels, num_classes=ds.num_classes,
                                 learn_sigma=False, class_dropout_prob=cfg.class_dropout_prob, **overrides)
     if cfg.model != "vector":
         raise ValueError(f"model {cfg.model!r} is for image data; {ds.name} is {ds.kind} data: use --model vector")
-    return SiT.build(ds.x.shape[-1], hidden_size=cfg.hidden_size or 256, num_layers=cfg.depth or 6,
-                     num_heads=cfg.heads or 4, num_classes=ds.num_classes,
+    def given(value, default):
+        return default if value is None else value
+
+    return SiT.build(ds.x.shape[-1], hidden_size=given(cfg.hidden_size, 256), num_layers=given(cfg.depth, 6),
+                     num_heads=given(cfg.heads, 4), num_classes=ds.num_classes,
                      class_dropout_prob=cfg.class_dropout_prob, max_seq_len=ds.x.shape[1] if ds.x.dim() == 3 else 1)
 
 
 def make_transport(cfg: TrainConfig) -> Transport:
     return Transport(cfg.path, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps, cfg.time_sampler)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay for the update after `step` steps: warmed up as
+    (1 + step) / (10 + step) until that reaches `decay`, so that an early
+    sample from the EMA is not the initial weights."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -183,17 +234,24 @@ def save_checkpoint(path: str, state: dict) -> None:
             os.remove(tmp)
 
 
+def remove_stale_temporaries(directory: str, name: str = "latest.pt") -> list[str]:
+    """Removes what save_checkpoint writes before its rename (`.NAME.PID.tmp`),
+    left behind by a process killed mid-write. Call it before a run starts."""
+    stale = [f for f in os.listdir(directory) if f.startswith(f".{name}.") and f.endswith(".tmp")]
+    for f in stale:
+        os.remove(os.path.join(directory, f))
+    return stale
+
+
 def load_checkpoint(path: str) -> dict:
     """A sit_ext training checkpoint, loaded without running code from it."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt zip, bad pickle, refused globals: one message
-        raise CheckpointError(f"cannot read checkpoint {path!r}: it is corrupt or holds more than tensors and "
-                              f"plain values ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        ckpt = torch_load(path, "checkpoint")
+    except (FileNotFoundError, IsADirectoryError, FileFormatError) as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
-        raise CheckpointError(f"{path!r} is not a sit_ext training checkpoint (no model/config/step)")
+        raise CheckpointError(f"{path!r} is not a sit_ext training checkpoint (it holds a {type(ckpt).__name__} "
+                              "without model, config and step)")
     return ckpt
 
 
@@ -222,22 +280,74 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" (this rank's GPU, else the CPU), "cpu", "cuda" or "cuda:N"; a
+    ValueError naming --device for anything else or a GPU that is not here."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} usable CUDA devices")
+    return device
+
+
+class _DeferredInterrupt:
+    """Turns the first Ctrl-C into a flag the training loop reads between
+    steps (a second one interrupts at once). Only in the main thread."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _trim_log(path: str, step: int) -> None:
+    """Drops the log lines past `step` (written after the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
-    """Trains per `cfg`; returns a summary (steps, last loss, checkpoint, timing)."""
+          log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """Trains per `cfg`; returns a summary (steps, last loss, checkpoint, timing).
+
+    resume: a checkpoint to continue; its config defines the run, and cfg's
+    RUNTIME_FIELDS (steps, out, ...) apply. Without it, a cfg.out that already
+    holds a run is refused unless overwrite=True. Ctrl-C ends the step under
+    way, writes a checkpoint and raises TrainingInterrupted."""
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
-        cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]), steps=cfg.steps, out=cfg.out,
-                                  ckpt_every=cfg.ckpt_every, log_every=cfg.log_every)
+        cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]),
+                                  **{name: getattr(cfg, name) for name in RUNTIME_FIELDS})
+        if cfg.steps <= int(ckpt["step"]):
+            raise ValueError(f"{resume} is already at step {ckpt['step']}: --steps {cfg.steps} leaves nothing to "
+                             f"train; pass a larger --steps to continue")
+    elif not overwrite and os.path.exists(os.path.join(cfg.out, "latest.pt")):
+        raise ValueError(f"--out {cfg.out} already holds a run (latest.pt): pass --resume to continue it, "
+                         "--overwrite to start it again, or another --out")
     torch.manual_seed(cfg.seed + rank)  # per-rank noise and times; the data order is shared
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -273,6 +383,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     ckpt_path = os.path.join(cfg.out, "latest.pt")
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
+        remove_stale_temporaries(cfg.out)
+        if ckpt is not None:
+            _trim_log(log_path, step)
+        elif os.path.exists(log_path):
+            os.remove(log_path)  # a run started again (overwrite=True) logs afresh
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     bar = None
@@ -290,6 +405,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": optimizer.state_dict(),
                 "step": step, "config": dataclasses.asdict(cfg), "sampler": batches.state_dict(), "rng": rngs,
+                "ema_warmup": True,
                 "data": {"name": ds.name, "kind": ds.kind, "shape": list(ds.x.shape[1:]),
                          "num_classes": ds.num_classes},
             })
@@ -297,38 +413,44 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     model.train()
     last_loss, t_start, steps_done = float("nan"), time.perf_counter(), 0
     window_start, window_steps = time.perf_counter(), 0
-    while step < cfg.steps:
-        idx = batches.next().to(device)
-        kwargs = {"y": labels[idx]} if labels is not None else None
-        with autocast:
-            terms = transport.training_losses(runner, x_all[idx], model_kwargs=kwargs)
-        loss = terms["loss"].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        update_ema(ema, model, cfg.ema_decay)
-        step, steps_done, window_steps = step + 1, steps_done + 1, window_steps + 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            value = loss.detach().float()
-            if world > 1:
-                dist.all_reduce(value)
-                value /= world
-            last_loss = value.item()
-            rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
-            window_start, window_steps = time.perf_counter(), 0
-            if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": last_loss, "it_s": rate, "lr": cfg.lr}) + "\n")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", it_s=f"{rate:.1f}")
+    # One process: the first Ctrl-C ends the step under way and checkpoints. Under torchrun the ranks
+    # could stop at different steps and hang in a collective, so there Ctrl-C interrupts at once.
+    with _DeferredInterrupt() if world == 1 else contextlib.nullcontext() as interrupt:
+        while step < cfg.steps and not (interrupt and interrupt.requested):
+            idx = batches.next().to(device)
+            kwargs = {"y": labels[idx]} if labels is not None else None
+            with autocast:
+                terms = transport.training_losses(runner, x_all[idx], model_kwargs=kwargs)
+            loss = terms["loss"].mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
+            step, steps_done, window_steps = step + 1, steps_done + 1, window_steps + 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                value = loss.detach().float()
+                if world > 1:
+                    dist.all_reduce(value)
+                    value /= world
+                last_loss = value.item()
+                rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+                window_start, window_steps = time.perf_counter(), 0
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": last_loss, "it_s": rate, "lr": cfg.lr}) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", it_s=f"{rate:.1f}")
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                checkpoint()
         if bar is not None:
-            bar.update(1)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            bar.close()
+        if interrupt and interrupt.requested:
             checkpoint()
-    if bar is not None:
-        bar.close()
+            raise TrainingInterrupted(step, ckpt_path)
     elapsed = time.perf_counter() - t_start
     if world > 1:
         dist.barrier()

@@ -171,7 +171,7 @@ def test_bad_input(tmp_path, capsys):
     expect_clean_failure(capsys, "sample", "--ckpt", tmp_path / "missing.pt", fragment="does not exist")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(os.urandom(2000))
-    expect_clean_failure(capsys, "sample", "--ckpt", corrupt, fragment="cannot read checkpoint")
+    expect_clean_failure(capsys, "sample", "--ckpt", corrupt, fragment="is truncated or corrupt")
     expect_clean_failure(capsys, "train", "--data", "digits", "--model", "SiT-Q/2", "--out", tmp_path / "q",
                          *TINY, fragment="unknown model")
     empty = tmp_path / "empty"

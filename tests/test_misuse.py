@@ -1,0 +1,415 @@
+"""Misuse, table by table: every row is a distinct mistake a user makes with
+the API or the CLI. The API must raise the listed exception type with the
+argument (or file) named in its message; the CLI must end with exit status 2
+(130 for Ctrl-C) and one line on stderr naming the flag or file, with no
+traceback, and leave an existing run's checkpoint byte-identical.
+
+The tables caught, when first run: AttributeError for `weight=2.0` and
+`y=[1, 2]`, ZeroDivisionError for `patch_size=0`, a [4, 4] coefficient table
+silently read row by row, an IndexError for a zero-byte checkpoint, tracebacks
+for `--device foo` and an --out that is a file, NaN data and 0.5 labels
+accepted, and an existing run silently overwritten by a new `train`."""
+
+import hashlib
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import sit_ext
+from sit_ext import SiT, cli, data, ops, training
+from sit_ext.schedules import Custom
+from sit_ext.transport import Transport
+
+TINY = ["--hidden-size", "32", "--depth", "1", "--heads", "2", "--batch-size", "16", "--device", "cpu", "--quiet"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A trained run and a set of bad files and folders, made once."""
+    root = tmp_path_factory.mktemp("misuse")
+    run = root / "run"
+    assert cli.main(["train", "--data", "moons", "--steps", "2", "--out", str(run), *TINY]) == 0
+    paths = {"root": root, "run": run, "ckpt": run / "latest.pt"}
+    (root / "zero.pt").write_bytes(b"")
+    (root / "random.pt").write_bytes(np.random.default_rng(0).bytes(3000))
+    ckpt_bytes = paths["ckpt"].read_bytes()
+    (root / "truncated.pt").write_bytes(ckpt_bytes[: len(ckpt_bytes) // 2])
+    torch.save([1, 2, 3], root / "list.pt")
+    with open(root / "evil.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    (root / "a_file").write_text("not a folder")
+    (root / "folder.pt").mkdir()
+
+    def folder(name, arrays, labels=None, label_suffix=".npy"):
+        path = root / name
+        path.mkdir()
+        for i, a in enumerate(arrays):
+            np.save(path / f"{i:03d}.npy", a)
+        if labels is not None:
+            if label_suffix == ".npy":
+                np.save(path / "labels.npy", labels)
+            else:
+                torch.save(labels, path / f"labels{label_suffix}")
+        paths[name] = path
+
+    good = [np.random.default_rng(i).standard_normal((2, 4, 4)).astype(np.float32) for i in range(6)]
+    folder("nan_data", good[:5] + [np.full((2, 4, 4), np.nan, np.float32)])
+    folder("inf_data", good[:5] + [np.full((2, 4, 4), np.inf, np.float32)])
+    folder("half_labels", good, np.array([0, 1, 0.5, 1, 0, 1]))
+    folder("short_labels", good, np.array([0, 1, 0]))
+    folder("negative_labels", good, np.array([0, 1, -1, 1, 0, 1]))
+    folder("string_labels", good, np.array(list("abcdef")))
+    folder("pickled_list", good[:2])
+    torch.save([1.0, 2.0], paths["pickled_list"] / "zz.pt")
+    folder("evil_array", good[:2])
+    (paths["evil_array"] / "zz.pt").write_bytes((root / "evil.pt").read_bytes())
+    folder("zero_npy", good[:2])
+    (paths["zero_npy"] / "zz.npy").write_bytes(b"")
+    return paths
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# ----------------------------------------------------------------- the API
+
+X, NOISE, T = torch.randn(4, 8), torch.randn(4, 8), torch.rand(4)
+X3, SHIFT, SCALE = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8)
+
+
+def vector_model(**kwargs):
+    return SiT.build(8, hidden_size=32, num_layers=1, num_heads=2, **kwargs)
+
+
+def field(x, t, y=None):
+    return -x
+
+
+API = [
+    # ops: wrong types and shapes
+    ("velocity_mse weight=2.0", lambda: ops.velocity_mse(X, X, NOISE, T, weight=2.0), TypeError, "weight"),
+    ("velocity_mse weight list", lambda: ops.velocity_mse(X, X, NOISE, T, weight=[1.0] * 4), TypeError, "weight"),
+    ("velocity_mse weight [3]", lambda: ops.velocity_mse(X, X, NOISE, T, weight=torch.ones(3)), ValueError, "weight"),
+    ("velocity_mse reduction sum", lambda: ops.velocity_mse(X, X, NOISE, T, reduction="sum"), ValueError,
+     "reduction"),
+    ("velocity_mse t=0.5", lambda: ops.velocity_mse(X, X, NOISE, 0.5), TypeError, "t must"),
+    ("velocity_mse pred list", lambda: ops.velocity_mse([0.0], X, NOISE, T), TypeError, "pred"),
+    ("velocity_mse t and coefficients", lambda: ops.velocity_mse(X, X, NOISE, T, coefficients=(T, T, T, T)),
+     ValueError, "coefficients"),
+    ("interpolant coefficients=5", lambda: ops.interpolant(X, NOISE, coefficients=5), TypeError, "coefficients"),
+    ("interpolant [4, 4] table", lambda: ops.interpolant(X, NOISE, coefficients=torch.rand(4, 4)), TypeError,
+     "unbind"),
+    ("interpolant 3 coefficients", lambda: ops.interpolant(X, NOISE, coefficients=(T, T, T)), TypeError,
+     "coefficients"),
+    ("interpolant coefficient [5]", lambda: ops.interpolant(X, NOISE, coefficients=(T, T, T, torch.rand(5))),
+     ValueError, "d_beta"),
+    ("interpolant outputs of 3", lambda: ops.interpolant(X, NOISE, T, outputs=(True, True, True)), ValueError,
+     "outputs"),
+    ("interpolant outputs str", lambda: ops.interpolant(X, NOISE, T, outputs="xt"), ValueError, "outputs"),
+    ("interpolant t=0.5", lambda: ops.interpolant(X, NOISE, 0.5), TypeError, "t must"),
+    ("interpolant schedule 3", lambda: ops.interpolant(X, NOISE, T, schedule=3), ValueError, "schedule"),
+    ("interpolant schedule sigmoid", lambda: ops.interpolant(X, NOISE, T, schedule="sigmoid"), ValueError,
+     "schedule"),
+    ("interpolant noise None", lambda: ops.interpolant(X, None, T), TypeError, "noise"),
+    ("interpolant noise shape", lambda: ops.interpolant(X, torch.randn(4, 7), T), (ValueError, RuntimeError),
+     "noise"),
+    ("mse pred list", lambda: ops.mse([1.0], X), TypeError, "pred"),
+    ("mse target None", lambda: ops.mse(X, None), TypeError, "target"),
+    ("ln_modulate x list", lambda: ops.ln_modulate([1.0], SHIFT, SCALE), TypeError, "x"),
+    ("ln_modulate eps str", lambda: ops.ln_modulate(X3, SHIFT, SCALE, eps="a"), ValueError, "eps"),
+    ("ln_modulate eps < 0", lambda: ops.ln_modulate(X3, SHIFT, SCALE, eps=-1e-6), ValueError, "eps"),
+    ("ln_modulate out_dtype str", lambda: ops.ln_modulate(X3, SHIFT, SCALE, out_dtype="bf16"), TypeError,
+     "out_dtype"),
+    ("ln_modulate out_dtype int", lambda: ops.ln_modulate(X3, SHIFT, SCALE, out_dtype=torch.int32), TypeError,
+     "out_dtype"),
+    ("ln_modulate shift [3, 8]", lambda: ops.ln_modulate(X3, torch.randn(3, 8), SCALE), (ValueError, RuntimeError),
+     "shift"),
+    ("gated_residual_ln_modulate h None", lambda: ops.gated_residual_ln_modulate(X3, None, SHIFT, SHIFT, SCALE),
+     TypeError, "h"),
+    ("gated_residual gate None", lambda: ops.gated_residual(X3, X3, None), TypeError, "gate"),
+    ("gated_residual h [2, 3, 7]", lambda: ops.gated_residual(X3, torch.randn(2, 3, 7), SHIFT),
+     (ValueError, RuntimeError), "h"),
+    # the functional API
+    ("linear_interpolant t float", lambda: sit_ext.linear_interpolant(X, NOISE, 0.3), TypeError, "t must"),
+    ("cosine_velocity t list", lambda: sit_ext.cosine_velocity(X, NOISE, [0.3] * 4), TypeError, "t must"),
+    ("sample_interpolant_time -1", lambda: sit_ext.sample_interpolant_time(-1), ValueError, "batch_size"),
+    ("sample_interpolant_time 2.5", lambda: sit_ext.sample_interpolant_time(2.5), ValueError, "batch_size"),
+    ("sample_interpolant_time int dtype", lambda: sit_ext.sample_interpolant_time(3, dtype=torch.int64),
+     ValueError, "dtype"),
+    ("sit_loss target list", lambda: sit_ext.sit_loss(X, [1.0]), TypeError, "target"),
+    # models
+    ("build('2')", lambda: sit_ext.build("2"), ValueError, "input_dim"),
+    ("build(0)", lambda: sit_ext.build(0), ValueError, "input_dim"),
+    ("build max_seq_len 0", lambda: sit_ext.build(4, max_seq_len=0), ValueError, "max_seq_len"),
+    ("build num_steps 0", lambda: sit_ext.build(4, num_steps=0), ValueError, "num_steps"),
+    ("SiT hidden_size 0", lambda: SiT.build(8, hidden_size=0), ValueError, "hidden_size"),
+    ("SiT num_heads 0", lambda: SiT.build(8, hidden_size=32, num_heads=0), ValueError, "num_heads"),
+    ("SiT heads do not divide", lambda: SiT.build(8, hidden_size=30, num_heads=4), ValueError, "num_heads"),
+    ("SiT depth -1", lambda: SiT.build(8, hidden_size=32, num_layers=-1), ValueError, "depth"),
+    ("SiT patch_size 0", lambda: SiT(input_size=8, patch_size=0, hidden_size=32, depth=1, num_heads=2), ValueError,
+     "patch_size"),
+    ("SiT input_size 0", lambda: SiT(input_size=0, hidden_size=32, depth=1, num_heads=2), ValueError, "input_size"),
+    ("SiT in_channels 0", lambda: SiT(input_size=8, in_channels=0, hidden_size=32, depth=1, num_heads=2),
+     ValueError, "in_channels"),
+    ("SiT input_size % patch_size", lambda: SiT(input_size=9, patch_size=2, hidden_size=32, depth=1, num_heads=2),
+     ValueError, "patch_size"),
+    ("SiT mlp_ratio 0", lambda: SiT.build(8, hidden_size=32, num_heads=2, mlp_ratio=0), ValueError, "mlp_ratio"),
+    ("SiT class_dropout_prob 1.5", lambda: vector_model(class_dropout_prob=1.5), ValueError, "class_dropout_prob"),
+    ("SiT num_classes -1", lambda: vector_model(num_classes=-1), ValueError, "num_classes"),
+    ("SiT num_classes 2.5", lambda: vector_model(num_classes=2.5), ValueError, "num_classes"),
+    ("SiT forward t float", lambda: vector_model()(X, 0.5), TypeError, "t must"),
+    ("SiT forward x list", lambda: vector_model()([1.0], T), TypeError, "x must"),
+    ("SiT forward y list", lambda: vector_model(num_classes=3)(X, T, [1, 2, 0, 1]), TypeError, "y must"),
+    ("SiT forward y float", lambda: vector_model(num_classes=3)(X, T, torch.ones(4)), ValueError, "labels y"),
+    ("SiT forward y missing", lambda: vector_model(num_classes=3)(X, T), ValueError, "pass y"),
+    ("SiT forward y unexpected", lambda: vector_model()(X, T, torch.zeros(4, dtype=torch.long)), ValueError,
+     "y=None"),
+    ("SiT forward t [3]", lambda: vector_model()(X, torch.rand(3)), ValueError, "t of shape"),
+    ("SiT forward x width", lambda: vector_model()(torch.randn(4, 7), T), ValueError, "x of shape"),
+    ("SiT forward_with_cfg odd batch",
+     lambda: vector_model(num_classes=3).forward_with_cfg(torch.randn(3, 8), torch.rand(3),
+                                                          torch.zeros(3, dtype=torch.long), 2.0),
+     ValueError, "even batch"),
+    ("SiT from_pretrained(None)", lambda: SiT.from_pretrained(None), TypeError, "path_or_state_dict"),
+    ("SiT from_pretrained unknown preset", lambda: SiT.from_pretrained({}, model="SiT-Q/2"), ValueError, "SiT-Q/2"),
+    ("SiT from_pretrained state of lists", lambda: SiT.from_pretrained({"w": [1]}, model="SiT-S/8"), ValueError,
+     "state dict"),
+    # transport
+    ("Transport path 5", lambda: Transport(5), ValueError, "path"),
+    ("Transport prediction x0", lambda: Transport(prediction="x0"), ValueError, "prediction"),
+    ("Transport loss_weight", lambda: Transport(loss_weight="snr"), ValueError, "loss_weight"),
+    ("Transport time_sampler", lambda: Transport(time_sampler="beta"), ValueError, "time_sampler"),
+    ("Transport model_time", lambda: Transport(model_time="reversed"), ValueError, "model_time"),
+    ("Transport train_eps 0.7", lambda: Transport(train_eps=0.7), ValueError, "train_eps"),
+    ("Transport sample_eps -1", lambda: Transport(sample_eps=-1), ValueError, "sample_eps"),
+    ("Transport train_eps str", lambda: Transport(train_eps="a"), ValueError, "train_eps"),
+    ("Transport logit_normal std < 0", lambda: Transport(time_sampler="logit_normal", logit_normal=(0, -1)),
+     ValueError, "logit_normal"),
+    ("sample_ode num_steps 0", lambda: Transport().sample_ode(field, X, num_steps=0), ValueError, "num_steps"),
+    ("sample_ode num_steps 2.5", lambda: Transport().sample_ode(field, X, num_steps=2.5), ValueError, "num_steps"),
+    ("sample_ode noise list", lambda: Transport().sample_ode(field, [1.0]), TypeError, "noise"),
+    ("sample_ode method foo", lambda: Transport().sample_ode(field, X, method="foo"), ValueError, "foo"),
+    ("sample_ode cfg_scale str",
+     lambda: Transport().sample_ode(field, X, cfg_scale="2", model_kwargs={"y": torch.zeros(4, dtype=torch.long)},
+                                    null_label=0), ValueError, "cfg_scale"),
+    ("sample_ode cfg without labels", lambda: Transport().sample_ode(field, X, cfg_scale=2.0), ValueError, "labels"),
+    ("sample_ode cfg_interval reversed",
+     lambda: Transport().sample_ode(field, X, cfg_interval=(0.8, 0.2)), ValueError, "cfg_interval"),
+    ("sample_sde num_steps 1", lambda: Transport().sample_sde(field, X, num_steps=1), ValueError, "num_steps"),
+    ("sample_sde method rk4", lambda: Transport().sample_sde(field, X, method="rk4"), ValueError, "method"),
+    ("sample_sde diffusion_form", lambda: Transport().sample_sde(field, X, diffusion_form="cubic"), ValueError,
+     "diffusion_form"),
+    ("sample_sde diffusion_norm < 0", lambda: Transport().sample_sde(field, X, diffusion_norm=-1.0), ValueError,
+     "diffusion_norm"),
+    ("sample_sde last_step", lambda: Transport().sample_sde(field, X, last_step="Exact"), ValueError, "last_step"),
+    ("sample_sde last_step_size 1.5", lambda: Transport().sample_sde(field, X, last_step_size=1.5), ValueError,
+     "last_step_size"),
+    ("log_likelihood num_steps 0", lambda: Transport().log_likelihood(field, X, num_steps=0), ValueError,
+     "num_steps"),
+    ("log_likelihood num_probes 0", lambda: Transport().log_likelihood(field, X, exact=False, num_probes=0),
+     ValueError, "num_probes"),
+    ("Custom schedule not callable", lambda: Custom(5, 6), TypeError, "alpha"),
+    # training and data
+    ("load_checkpoint list file", lambda: training.load_checkpoint(str(FILES["root"] / "list.pt")), ValueError,
+     "list.pt"),
+    ("load_checkpoint zero bytes", lambda: training.load_checkpoint(str(FILES["root"] / "zero.pt")), ValueError,
+     "zero.pt"),
+    ("load_checkpoint folder", lambda: training.load_checkpoint(str(FILES["root"] / "folder.pt")), ValueError,
+     "folder.pt"),
+    ("load_checkpoint evil pickle", lambda: training.load_checkpoint(str(FILES["root"] / "evil.pt")), ValueError,
+     "refusing"),
+    ("data.load unknown", lambda: data.load("spiral"), ValueError, "spiral"),
+    ("data.toy_2d unknown", lambda: data.toy_2d("rings", 10), ValueError, "rings"),
+    ("resolve_device foo", lambda: training.resolve_device("foo"), ValueError, "--device"),
+    ("resolve_device mps", lambda: training.resolve_device("mps"), ValueError, "--device"),
+]
+
+FILES: dict = {}
+
+
+@pytest.mark.parametrize("name, fn, error, fragment", API, ids=[row[0] for row in API])
+def test_api_misuse(files, name, fn, error, fragment):
+    FILES.update(files)
+    with pytest.raises(error) as info:
+        fn()
+    assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+
+
+# ----------------------------------------------------------------- the CLI
+
+
+def cli_rows():
+    """(name, argv with {placeholders}, fragment); formatted against the files fixture."""
+    out = ["--out", "{root}/new_{name}"]
+    sample = ["sample", "--ckpt", "{ckpt}", "--device", "cpu", "--quiet", "--out", "{root}/samples_{name}"]
+    rows = [
+        ("steps 0", ["train", "--steps", "0", *out], "--steps"),
+        ("batch-size 0", ["train", "--batch-size", "0", *out], "--batch-size"),
+        ("ckpt-every 0", ["train", "--ckpt-every", "0", *out], "--ckpt-every"),
+        ("log-every -1", ["train", "--log-every", "-1", *out], "--log-every"),
+        ("data-size 0", ["train", "--data-size", "0", *out], "--data-size"),
+        ("unknown data", ["train", "--data", "spiral", *out], "spiral"),
+        ("unknown model", ["train", "--data", "digits", "--model", "SiT-Q/2", *out], "SiT-Q/2"),
+        ("image model on points", ["train", "--data", "moons", "--model", "SiT-S/2", *out], "vector"),
+        ("device foo", ["train", "--device", "foo", *out], "--device"),
+        ("unknown path", ["train", "--path", "sigmoid", *out], "path"),
+        ("unknown prediction", ["train", "--prediction", "x0", *out], "prediction"),
+        ("unknown loss weight", ["train", "--loss-weight", "snr", *out], "loss_weight"),
+        ("unknown time sampler", ["train", "--time-sampler", "beta", *out], "time_sampler"),
+        ("train eps 0.7", ["train", "--train-eps", "0.7", *out], "train_eps"),
+        ("class dropout 1.5", ["train", "--class-dropout-prob", "1.5", *out], "class_dropout_prob"),
+        ("hidden size 0", ["train", "--hidden-size", "0", *out], "hidden_size"),
+        ("depth 0", ["train", "--depth", "0", *out], "depth"),
+        ("heads 0", ["train", "--heads", "0", *out], "num_heads"),
+        ("heads do not divide", ["train", "--hidden-size", "30", "--heads", "4", *out], "num_heads"),
+        ("existing run", ["train", "--data", "moons", "--out", "{run}"], "already holds a run"),
+        ("resume and overwrite", ["train", "--resume", "--overwrite", "--out", "{run}"], "--overwrite"),
+        ("resume missing", ["train", "--resume", "{root}/missing.pt", *out], "missing.pt"),
+        ("resume zero bytes", ["train", "--resume", "{root}/zero.pt", *out], "zero.pt"),
+        ("resume folder", ["train", "--resume", "{root}/folder.pt", *out], "folder.pt"),
+        ("resume random bytes", ["train", "--resume", "{root}/random.pt", *out], "random.pt"),
+        ("resume truncated", ["train", "--resume", "{root}/truncated.pt", *out], "truncated.pt"),
+        ("resume evil pickle", ["train", "--resume", "{root}/evil.pt", *out], "refusing"),
+        ("resume list", ["train", "--resume", "{root}/list.pt", *out], "list.pt"),
+        ("resume other lr", ["train", "--resume", "--out", "{run}", "--steps", "9", "--lr", "0.5"], "--lr"),
+        ("resume other data", ["train", "--resume", "--out", "{run}", "--steps", "9", "--data", "spirals"], "--data"),
+        ("resume other model", ["train", "--resume", "--out", "{run}", "--steps", "9", "--depth", "3"], "--depth"),
+        ("resume nothing to do", ["train", "--resume", "--out", "{run}", "--steps", "2"], "already at step 2"),
+        ("out is a file", ["train", "--data", "moons", "--out", "{root}/a_file"], "a_file"),
+        ("out under a file", ["train", "--data", "moons", "--out", "{root}/a_file/run"], "a_file"),
+        ("out name too long", ["train", "--data", "moons", "--out", "{root}/" + "n" * 300], "nnnn"),
+        ("NaN data", ["train", "--data", "{nan_data}", "--model", "SiT-S/2", *out], "NaN"),
+        ("inf data", ["train", "--data", "{inf_data}", "--model", "SiT-S/2", *out], "infinite"),
+        ("fractional labels", ["train", "--data", "{half_labels}", "--model", "SiT-S/2", *out], "not integers"),
+        ("too few labels", ["train", "--data", "{short_labels}", "--model", "SiT-S/2", *out], "labels.npy"),
+        ("negative labels", ["train", "--data", "{negative_labels}", "--model", "SiT-S/2", *out], "negative"),
+        ("string labels", ["train", "--data", "{string_labels}", "--model", "SiT-S/2", *out], "labels.npy"),
+        ("pickled list in data", ["train", "--data", "{pickled_list}", "--model", "SiT-S/2", *out], "zz.pt"),
+        ("code in data", ["train", "--data", "{evil_array}", "--model", "SiT-S/2", *out], "refusing"),
+        ("zero-byte npy", ["train", "--data", "{zero_npy}", "--model", "SiT-S/2", *out], "zz.npy"),
+        ("sample no checkpoint", ["sample", "--device", "cpu"], "--ckpt"),
+        ("sample two checkpoints", ["sample", "--ckpt", "{ckpt}", "--official", "{ckpt}"], "--official"),
+        ("sample missing ckpt", ["sample", "--ckpt", "{root}/missing.pt"], "missing.pt"),
+        ("sample zero-byte ckpt", ["sample", "--ckpt", "{root}/zero.pt"], "zero.pt"),
+        ("sample folder ckpt", ["sample", "--ckpt", "{root}/folder.pt"], "folder.pt"),
+        ("sample random ckpt", ["sample", "--ckpt", "{root}/random.pt"], "random.pt"),
+        ("sample evil ckpt", ["sample", "--ckpt", "{root}/evil.pt"], "refusing"),
+        ("sample list ckpt", ["sample", "--ckpt", "{root}/list.pt"], "list.pt"),
+        ("official zero bytes", ["sample", "--official", "{root}/zero.pt", "--device", "cpu"], "zero.pt"),
+        ("official folder", ["sample", "--official", "{root}/folder.pt", "--device", "cpu"], "folder.pt"),
+        ("official list", ["sample", "--official", "{root}/list.pt", "--device", "cpu"], "list.pt"),
+        ("official evil", ["sample", "--official", "{root}/evil.pt", "--device", "cpu"], "refusing"),
+        ("official other model", ["sample", "--official", "{ckpt}", "--model", "SiT-S/8", "--device", "cpu"],
+         "does not match"),
+        ("num-samples 0", [*sample, "--num-samples", "0"], "--num-samples"),
+        ("num-samples -3", [*sample, "--num-samples", "-3"], "--num-samples"),
+        ("sample batch-size 0", [*sample, "--batch-size", "0"], "--batch-size"),
+        ("sample steps 0", [*sample, "--steps", "0"], "num_steps"),
+        ("sample device foo", [*sample, "--device", "foo"], "--device"),
+        ("diffusion form", [*sample, "--method", "sde", "--diffusion-form", "cubic"], "diffusion_form"),
+        ("last step", [*sample, "--method", "sde", "--last-step", "Exact"], "last_step"),
+        ("last step size", [*sample, "--method", "sde", "--last-step-size", "2"], "last_step_size"),
+        ("diffusion norm", [*sample, "--method", "sde", "--diffusion-norm", "-1"], "diffusion_norm"),
+        ("cfg interval", [*sample, "--cfg-interval", "0.8", "0.2"], "cfg_interval"),
+        ("labels without classes", [*sample, "--labels", "3"], "--labels"),
+        ("unknown solver", [*sample, "--solver", "rk5"], "rk5"),
+        ("sample out is a file", ["sample", "--ckpt", "{ckpt}", "--device", "cpu", "--num-samples", "2", "--steps",
+                                  "2", "--quiet", "--out", "{root}/a_file"], "a_file"),
+        ("info device", ["info", "--device", "cuda:7"], "--device"),
+        ("bench device", ["bench", "--device", "foo", "--out", "{root}/bench"], "--device"),
+        ("demo data", ["demo", "--data", "spiral", "--out", "{root}/demo"], "spiral"),
+        ("demo device", ["demo", "--device", "foo", "--out", "{root}/demo"], "--device"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        rows.append(("read-only out", ["train", "--data", "moons", "--out", "{root}/read_only/run"], "read_only"))
+    return rows
+
+
+CLI = cli_rows()
+
+
+@pytest.mark.parametrize("name, argv, fragment", CLI, ids=[row[0] for row in CLI])
+def test_cli_misuse(files, capsys, monkeypatch, name, argv, fragment):
+    # `bench` restarts itself with glibc malloc settings unless they are set: keep pytest's process.
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=4294967296")
+    if name == "read-only out":
+        (files["root"] / "read_only").mkdir(mode=0o500, exist_ok=True)
+    if name == "info device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    before = digest(files["ckpt"])
+    names = {k: str(v) for k, v in files.items()} | {"name": name.replace(" ", "_")}
+    status = cli.main([a.format(**names) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert digest(files["ckpt"]) == before
+
+
+def test_counts():
+    """The issue asks for at least 100 distinct misuses."""
+    assert len(API) + len(CLI) >= 100
+    assert len({row[0] for row in API}) == len(API) and len({row[0] for row in CLI}) == len(CLI)
+
+
+def test_interrupted_training_checkpoints_and_exits_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: the step under way ends, a checkpoint is written, one line, exit 130;
+    --resume then continues from it."""
+    import signal
+
+    real_update = training.update_ema
+    calls = {"n": 0}
+
+    def update_then_interrupt(ema, model, decay):
+        real_update(ema, model, decay)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(training, "update_ema", update_then_interrupt)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", "moons", "--steps", "50", "--out", str(run), *TINY]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted at step 3" in err[0] and "Traceback" not in err[0]
+    assert training.load_checkpoint(str(run / "latest.pt"))["step"] == 3
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", "--out", str(run), "--steps", "5", "--quiet"]) == 0
+    assert training.load_checkpoint(str(run / "latest.pt"))["step"] == 5
+
+
+def test_nothing_left_behind(tmp_path):
+    """A stale temporary from a killed checkpoint write is removed by the next
+    run; after a resume the log holds each step once."""
+    run = tmp_path / "run"
+    common = ["--data", "moons", "--log-every", "1", "--ckpt-every", "2", *TINY]
+    assert cli.main(["train", "--steps", "4", "--out", str(run), *common]) == 0
+    # A run killed after step 5 logged: its log runs past the checkpoint at step 4.
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.0, "it_s": 1.0, "lr": 0.001}\n')
+    (run / ".latest.pt.12345.tmp").write_bytes(b"PK half")
+    assert cli.main(["train", "--steps", "6", "--out", str(run), "--resume", *common]) == 0
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in open(run / "log.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+    # --overwrite starts again, with a fresh log.
+    assert cli.main(["train", "--steps", "2", "--out", str(run), "--overwrite", *common]) == 0
+    assert len(open(run / "log.jsonl").readlines()) == 2
+
+
+def test_ema_warms_up():
+    """The EMA follows the model early on (decay (1 + step) / (10 + step)) and
+    reaches the configured decay later."""
+    assert training.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert training.ema_decay_at(90, 0.9999) == pytest.approx(91 / 100)
+    assert training.ema_decay_at(10**6, 0.9999) == 0.9999
+    assert math.isclose(training.ema_decay_at(50, 0.5), 0.5)

@@ -466,8 +466,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _add_image_commands(sub) -> None:
-    encode = sub.add_parser("encode", help="a folder of images to VAE latent shards for train",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    encode = sub.add_parser("encode", help="a folder of images to VAE latent shards for train")
     encode.add_argument("--images", required=True, help="a folder of images; class subfolders give the labels")
     encode.add_argument("--vae", required=True, help="an AutoencoderKL: a local folder or a cached Hub id")
     encode.add_argument("--out", required=True, help="folder for the shards and latents.json")
@@ -485,8 +484,7 @@ def _add_image_commands(sub) -> None:
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     export.add_argument("--weights", default="ema", choices=["ema", "model"])
     export.set_defaults(fn=cmd_export)
-    evaluate = sub.add_parser("evaluate", help="FID, Inception Score, precision, recall (torch-fidelity)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate = sub.add_parser("evaluate", help="FID, Inception Score, precision, recall (torch-fidelity)")
     evaluate.add_argument("--samples", required=True, help="an ADM .npz (arr_0) or a folder of images")
     evaluate.add_argument("--ref", required=True, help="the reference images: an ADM .npz or a folder")
     evaluate.add_argument("--feature-weights", required=True,
@@ -505,9 +503,10 @@ def cmd_bench(args) -> int:
     from . import benchmark, plots
 
     device = resolve_device(args.device)  # bad input fails here, before the restart
+    if args.digits:
+        sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed)
+        return 0
     if args.samplers:
-        from . import sampler_bench
-
         sampler_bench.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
                           seed=args.seed)
         return 0
@@ -642,17 +641,36 @@ def _step_speed(cfg: TrainConfig, device: torch.device, rounds: int = 15) -> tup
 # ------------------------------------------------------------------- main
 
 
+def _parser_with_help(*args, **kwargs) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(*args, **{"formatter_class": _Help, **kwargs})
+
+
+class _Help(argparse.HelpFormatter):
+    """Each option's default once, after its help, unless the help says it
+    already or there is none worth showing (None, a flag that is off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not _shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    return bool(action.option_strings) and action.default is not None and action.default is not False \
+        and action.default is not argparse.SUPPRESS
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sit-ext", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_parser_with_help)
     info = sub.add_parser("info", help="the build, and the device")
     info.add_argument("--device", default="auto")
     info.set_defaults(fn=cmd_info)
     train = sub.add_parser("train", help="train a SiT")
     _add_train_args(train)
     train.set_defaults(fn=cmd_train)
-    sample = sub.add_parser("sample", help="sample from a checkpoint",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample = sub.add_parser("sample", help="sample from a checkpoint")
     _add_sample_args(sample)
     sample.set_defaults(fn=cmd_sample)
     _add_image_commands(sub)
@@ -679,6 +697,10 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="output folder (default: a new temporary folder)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(fn=cmd_demo)
+    for command in sub.choices.values():  # argparse shows no help for help-less options: give them their default
+        for action in command._actions:
+            if action.help is None and _shows_default(action):
+                action.help = "(default: %(default)s)"
     return p
 
 

@@ -221,3 +221,18 @@ def test_extension_uses_the_shared_cxx_runtime():
 
     out = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True, check=True)
     assert "__cxa_throw" not in out.stdout.split()
+
+
+def test_help_shows_every_default_once():
+    """Each option with a default says it once in --help; none says "None"."""
+    p = cli.parser()
+    commands = next(a for a in p._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if not action.option_strings or action.help == "==SUPPRESS==":
+                continue
+            text = command._get_formatter()._expand_help(action) if action.help else ""
+            assert text.count("default") <= 1, (name, action.option_strings, text)
+            assert "default: None" not in text, (name, action.option_strings, text)
+            if action.default not in (None, False) and action.option_strings != ["-h", "--help"]:
+                assert "default" in text, (name, action.option_strings, text)

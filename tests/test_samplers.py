@@ -191,3 +191,12 @@ def test_quick_benchmark_writes_json_and_png(tmp_path):
     assert {r["form"] for r in saved["stiff_end"]} == set(FORMS)
     assert saved["goals"]["baseline_rms_error"] == result["baseline"]["rms_error"] > 0
     assert set(saved["goals"]) >= {"nfe_to_reach_baseline", "ode_goal_met", "sde_at_goal_nfe", "sde_goal_met"}
+
+
+def test_digits_run_writes_its_rows(tmp_path):
+    """The trained-model check's code path, on a model trained for 3 steps (its numbers need ~1500)."""
+    pytest.importorskip("sklearn")
+    result = sampler_bench.run_digits(str(tmp_path), steps=3, nfe=[4], per_class=2, verbose=False)
+    assert [(r["method"], r["nfe"]) for r in result["rows"]] == [("heun", 4), ("adams", 4)]
+    assert all(0 <= r["accuracy"] <= 1 and r["frechet"] >= 0 for r in result["rows"])
+    assert result["real_accuracy"] > 0.9 and list(tmp_path.glob("*-samplers-digits.json"))

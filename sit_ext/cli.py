@@ -514,7 +514,7 @@ def cmd_bench(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
     ops_json = os.path.join(args.out, f"{stamp}-{device.type}-ops.json")
-    # --quick: about a minute on 2 CPU cores, the models included (SiT-S/8, no torch.compile).
+    # --quick: under a minute on 2 CPU cores (25 s measured), the models included (SiT-S/8, no torch.compile).
     compile_ = not (args.no_compile or args.quick)
     result = benchmark.run(args.ops or list(benchmark.OP_FAMILIES), str(device), quick=args.quick, out=ops_json,
                            budget=40 if args.quick else None, compile_=compile_)
@@ -678,7 +678,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--ops", nargs="+", help="op families (default: all)")
     bench.add_argument("--quick", action="store_true",
-                       help="one size and batch per op, a small model, no torch.compile: about a minute")
+                       help="one size and batch per op, a small model, no torch.compile: under a minute")
     bench.add_argument("--models", action=argparse.BooleanOptionalAction, default=True,
                        help="also the SiT train step and sampling forward")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile model variants")

@@ -44,8 +44,9 @@ def quoted_output() -> list[str]:
     return block.strip().splitlines()
 
 
-def numbers(lines: list[str]) -> list[float]:
-    return [float(v) for line in lines for v in re.findall(r"\d+\.\d+", line)]
+def numbers(lines: list[str]) -> list[tuple[float, float]]:
+    """Each printed number, with one unit of its last printed digit."""
+    return [(float(v), 10.0 ** -len(v.split(".")[1])) for line in lines for v in re.findall(r"\d+\.\d+", line)]
 
 
 def test_transport_example_prints_what_the_readme_quotes():
@@ -59,4 +60,7 @@ def test_transport_example_prints_what_the_readme_quotes():
     assert [re.sub(r"\d+\.\d+", "#", line) for line in printed if not line.startswith("step ")][-1:] == \
         [re.sub(r"\d+\.\d+", "#", line) for line in quoted if not line.startswith("step ")][-1:]
     if os.environ.get("SIT_EXT_README_FULL") == "1":
-        assert printed == quoted or numbers(printed) == pytest.approx(numbers(quoted), abs=0.011), printed
+        # Threading may move a float's last printed digit by one; nothing more.
+        got, want = numbers(printed), numbers(quoted)
+        assert len(got) == len(want) and all(abs(g - w) <= 1.01 * unit for (g, unit), (w, _) in zip(got, want)), \
+            (printed, quoted)

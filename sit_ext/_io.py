@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import struct
 import warnings
 import zipfile
 
@@ -26,14 +27,30 @@ def first_line(e: BaseException) -> str:
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"}
 
 
+class _Discard:
+    def write(self, _text: str) -> None:
+        pass
+
+
 def _plain_pickle_runs_code(path: str) -> bool | None:
     """For a file that is not a zip archive (torch.save's format): whether its
-    first pickle imports or calls anything (None: it is not a pickle at all)."""
+    first pickle imports or calls anything, or None when the file does not
+    start with a whole, consistent pickle (opcodes, stack and memo checked by
+    pickletools.dis), so that garbage is never mistaken for a code payload."""
     try:
         with open(path, "rb") as f:
+            pickletools.dis(f, out=_Discard())
+            f.seek(0)
             return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(f))
     except Exception:  # noqa: BLE001 - pickletools raises assorted errors on bytes that are not a pickle
         return None
+
+
+def _is_zip(path: str) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # an end record that zipfile refuses (e.g. "spans multiple disks")
+        return True  # torch.load reports it below
 
 
 def torch_load(path: str | os.PathLike, what: str = "file", safe_globals: tuple = ()) -> object:
@@ -48,9 +65,13 @@ def torch_load(path: str | os.PathLike, what: str = "file", safe_globals: tuple 
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     if os.path.getsize(path) == 0:
         raise FileFormatError(f"{what} {path!r} is empty (0 bytes)")
-    if not zipfile.is_zipfile(path) and _plain_pickle_runs_code(path):
-        raise FileFormatError(f"refusing to load {what} {path!r}: it is a pickle that imports or calls objects, "
-                              "and unpickling it could run code from the file")
+    if not _is_zip(path):
+        runs_code = _plain_pickle_runs_code(path)
+        if runs_code is None:
+            raise FileFormatError(f"{what} {path!r} is truncated or corrupt (neither a zip archive nor a pickle)")
+        if runs_code:
+            raise FileFormatError(f"refusing to load {what} {path!r}: it is a pickle that imports or calls "
+                                  "objects, and unpickling it could run code from the file")
     try:
         with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says it all
@@ -60,7 +81,8 @@ def torch_load(path: str | os.PathLike, what: str = "file", safe_globals: tuple 
             raise FileFormatError(f"refusing to load {what} {path!r}: it holds objects other than tensors and "
                                   "plain values, and unpickling them could run code from the file") from None
         raise FileFormatError(f"{what} {path!r} is truncated or corrupt (not a pickle torch can read)") from None
-    except (EOFError, zipfile.BadZipFile) as e:
+    except (EOFError, zipfile.BadZipFile, IndexError, KeyError, struct.error, UnicodeDecodeError, AssertionError,
+            TypeError) as e:  # what torch's loaders raise on garbage inside a file of the right format
         raise FileFormatError(f"{what} {path!r} is truncated or corrupt ({first_line(e)})") from None
     except (RuntimeError, ValueError, OSError) as e:
         raise FileFormatError(f"cannot read {what} {path!r}: {first_line(e)}") from None

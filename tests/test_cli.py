@@ -170,7 +170,7 @@ def expect_clean_failure(capsys, *args, fragment):
 def test_bad_input(tmp_path, capsys):
     expect_clean_failure(capsys, "sample", "--ckpt", tmp_path / "missing.pt", fragment="does not exist")
     corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(os.urandom(2000))
+    corrupt.write_bytes(b"c" + bytes(range(256)) * 8)  # starts with pickle's GLOBAL opcode
     expect_clean_failure(capsys, "sample", "--ckpt", corrupt, fragment="is truncated or corrupt")
     expect_clean_failure(capsys, "train", "--data", "digits", "--model", "SiT-Q/2", "--out", tmp_path / "q",
                          *TINY, fragment="unknown model")

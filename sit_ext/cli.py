@@ -325,12 +325,16 @@ def _sample_images(args) -> int:
     if world > 1:
         torch.distributed.all_reduce(drawn)
     if rank == 0:
-        images = np.stack([images_lib.read_image(path(i)) for i in tqdm(range(args.num_samples), desc="collect",
-                                                                         disable=args.quiet, dynamic_ncols=True)])
+        # One chunk of images in memory at a time: 50,000 at 512 x 512 would be 39 GB.
+        first = images_lib.read_image(path(0))
+        chunks = (np.stack([images_lib.read_image(path(i)) for i in range(start, min(start + 256, args.num_samples))])
+                  for start in tqdm(range(0, args.num_samples, 256), desc="collect", disable=args.quiet,
+                                    dynamic_ncols=True))
         npz, png = os.path.join(args.out, "samples.npz"), os.path.join(args.out, "samples.png")
-        images_lib.save_npz(npz, images, labels.numpy() if labels is not None else None)
-        images_lib.save_grid(png, images[:64])
-        print(f"{args.num_samples} images {list(images.shape[1:])}: {drawn.item()} drawn in "
+        images_lib.write_npz(npz, chunks, (args.num_samples, *first.shape), labels.numpy() if labels is not None
+                             else None)
+        images_lib.save_grid(png, np.stack([images_lib.read_image(path(i)) for i in range(min(64, args.num_samples))]))
+        print(f"{args.num_samples} images {list(first.shape)}: {drawn.item()} drawn in "
               f"{time.perf_counter() - t0:.1f} s, {args.num_samples - drawn.item()} kept from before; "
               f"{folder}, {npz}, {png}")
     if world > 1:

@@ -124,7 +124,8 @@ def evaluate_images(net, samples: np.ndarray, ref: np.ndarray, batch_size: int =
     """FID (through frechet_distance), Inception Score of `samples`
     (torch-fidelity's, over 10 splits, fewer for under 20 images), and
     precision and recall of samples against ref (torch-fidelity's k-NN balls,
-    k = 3). `net` is inception()'s; both inputs are uint8 [N, H, W, 3]."""
+    k = 3). `net` is inception()'s; both inputs are uint8 [N, H, W, 3], arrays
+    or what images.read_images gives (memory-mapped, or read when sliced)."""
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_part
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import zipfile
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -110,22 +113,82 @@ def save_grid(path: str, images: np.ndarray, nrow: int | None = None, pad: int =
     save_png(path, canvas)
 
 
-def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-    """The ADM evaluation suite's layout: arr_0, uint8 [N, H, W, 3]; labels,
-    when given, as "labels"."""
-    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
-    np.savez(path, **arrays)
+def write_npz(path: str, chunks: Iterable[np.ndarray], shape: tuple[int, ...],
+              labels: np.ndarray | None = None) -> None:
+    """The ADM evaluation suite's layout: arr_0, uint8 [N, H, W, 3] (`shape`),
+    written chunk by chunk as they come, so that no more than one chunk is in
+    memory; labels, when given, as "labels". Uncompressed, as np.savez
+    writes it (read_npz memory-maps it), through a temporary file that is
+    renamed when complete."""
+    shape = tuple(int(n) for n in shape)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_2_0(f, header)
+                written = 0
+                for chunk in chunks:
+                    if chunk.dtype != np.uint8 or chunk.shape[1:] != shape[1:]:
+                        raise ValueError(f"write_npz: a chunk is {chunk.dtype} {list(chunk.shape)}, expected "
+                                         f"uint8 [n, {', '.join(map(str, shape[1:]))}]")
+                    written += len(chunk)
+                    if written > shape[0]:
+                        raise ValueError(f"write_npz: the chunks hold more than the {shape[0]} images of the shape")
+                    f.write(np.ascontiguousarray(chunk).data)
+                if written != shape[0]:
+                    raise ValueError(f"write_npz: the chunks hold {written} images, the shape says {shape[0]}")
+            if labels is not None:
+                with zf.open("labels.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(labels), allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _stored_npy(path: str, name: str) -> np.ndarray | None:
+    """Member `name` of an .npz memory-mapped, or None when it is compressed
+    (np.savez_compressed) or not a plain array."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: its name and extra field lengths end it
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    data_end = info.header_offset + 30 + name_len + extra_len + info.file_size
+    if dtype.hasobject or offset + dtype.itemsize * math.prod(shape) > data_end:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
 
 
 def read_npz(path: str) -> np.ndarray:
-    """arr_0 of an ADM-layout .npz: uint8 [N, H, W, 3]."""
+    """arr_0 of an ADM-layout .npz: uint8 [N, H, W, 3], memory-mapped when it
+    is stored uncompressed (np.savez, write_npz), so that 50,000 images need
+    not fit in memory."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if "arr_0" not in f.files:
                 raise DataError(f"{path} has no arr_0 (it holds {f.files}): expected the ADM layout, "
                                 "uint8 images [N, H, W, 3] in arr_0")
-            images = f["arr_0"]
-    except (OSError, ValueError) as e:
+        images = _stored_npy(path, "arr_0.npy")
+        if images is None:
+            with np.load(path, allow_pickle=False) as f:
+                images = f["arr_0"]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"cannot read {path}: {e}") from None
@@ -134,19 +197,54 @@ def read_npz(path: str) -> np.ndarray:
     return images
 
 
-def read_images(source: str) -> np.ndarray:
-    """uint8 [N, H, W, 3] from an ADM .npz or a folder of images (searched at
-    any depth; all must have one size)."""
+class ImageFolderArray:
+    """The images of a folder (at any depth, sorted by path) as uint8
+    [N, H, W, 3], read from disk when indexed, so that a large folder need
+    not fit in memory. All must have one size, checked from the files'
+    headers when it is made."""
+
+    def __init__(self, source: str):
+        self.paths = sorted(os.path.join(folder, f) for folder, _, files in os.walk(source) for f in files
+                            if _is_image(f))
+        if not self.paths:
+            raise DataError(f"{source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        Image = _pil()
+        sizes = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except OSError as e:
+                raise DataError(f"cannot read image {path}: {e}") from None
+            if sizes[-1] != sizes[0]:
+                raise DataError(f"images in {source!r} differ in size: {self.paths[0]} is {sizes[0][::-1]}, "
+                                f"{path} is {sizes[-1][::-1]}")
+        width, height = sizes[0]
+        self.shape = (len(self.paths), height, width, 3)
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            out = np.empty((len(self.paths[index]), *self.shape[1:]), np.uint8)
+            for i, path in enumerate(self.paths[index]):
+                out[i] = read_image(path)
+            return out
+        return read_image(self.paths[index])
+
+    def __array__(self, dtype=None, copy=None):
+        images = self[:]
+        return images if dtype is None else images.astype(dtype)
+
+
+def read_images(source: str) -> np.ndarray | ImageFolderArray:
+    """uint8 [N, H, W, 3] from an ADM .npz (memory-mapped when uncompressed)
+    or a folder of images (searched at any depth; all must have one size; read
+    when sliced)."""
     if os.path.isfile(source):
         return read_npz(source)
     if not os.path.isdir(source):
         raise DataError(f"{source!r} is neither an .npz file nor a folder of images")
-    paths = sorted(os.path.join(folder, f) for folder, _, files in os.walk(source) for f in files if _is_image(f))
-    if not paths:
-        raise DataError(f"{source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    images = [read_image(p) for p in paths]
-    for p, image in zip(paths, images):
-        if image.shape != images[0].shape:
-            raise DataError(f"images in {source!r} differ in size: {paths[0]} is {images[0].shape[:2]}, "
-                            f"{p} is {image.shape[:2]}")
-    return np.stack(images)
+    return ImageFolderArray(source)

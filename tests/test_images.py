@@ -213,6 +213,47 @@ def test_missing_extras_name_the_pip_extra(monkeypatch):
         monkeypatch.undo()
 
 
+def test_npz_is_written_in_chunks_and_memory_mapped(tmp_path):
+    """write_npz streams chunks into ADM's layout; read_npz memory-maps an
+    uncompressed arr_0 (its own and np.savez's) and reads a compressed one."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (37, 5, 7, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 37)
+    path = str(tmp_path / "s.npz")
+    images_lib.write_npz(path, (images[i : i + 10] for i in range(0, 37, 10)), images.shape, labels)
+    with np.load(path, allow_pickle=False) as f:
+        assert np.array_equal(f["arr_0"], images) and np.array_equal(f["labels"], labels)
+    read = images_lib.read_npz(path)
+    assert isinstance(read, np.memmap) and np.array_equal(read, images)
+    np.savez(tmp_path / "numpy.npz", labels=labels, arr_0=images)  # arr_0 after another member
+    read = images_lib.read_npz(str(tmp_path / "numpy.npz"))
+    assert isinstance(read, np.memmap) and np.array_equal(read, images)
+    np.savez_compressed(tmp_path / "small.npz", arr_0=images)
+    read = images_lib.read_npz(str(tmp_path / "small.npz"))
+    assert not isinstance(read, np.memmap) and np.array_equal(read, images)
+    for chunks, fragment in (([images[:30]], "hold 30 images"), ([images, images[:1]], "more than the 37"),
+                             ([images.astype(np.int16)], "int16")):
+        with pytest.raises(ValueError, match=fragment):
+            images_lib.write_npz(str(tmp_path / "bad.npz"), iter(chunks), images.shape)
+        assert sorted(os.listdir(tmp_path)) == ["numpy.npz", "s.npz", "small.npz"]  # nothing half-written
+
+
+def test_image_folder_is_read_when_sliced(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (5, 6, 4, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        images_lib.save_png(str(tmp_path / f"c{i % 2}" / f"{i}.png"), image)
+    reads = []
+    read_image = images_lib.read_image
+    monkeypatch.setattr(images_lib, "read_image", lambda p: reads.append(p) or read_image(p))
+    folder = images_lib.read_images(str(tmp_path))
+    assert reads == [] and len(folder) == 5 and folder.shape == (5, 6, 4, 3)
+    order = [0, 2, 4, 1, 3]  # sorted by path: c0/0, c0/2, c0/4, c1/1, c1/3
+    assert np.array_equal(folder[1:4], images[order[1:4]]) and len(reads) == 3
+    assert np.array_equal(np.asarray(folder), images[order]) and folder[5:].shape == (0, 6, 4, 3)
+
+
 def test_bad_image_input_is_one_line(tmp_path, vae_dir, capsys):
     def fails(*args, fragment):
         assert run_cli(*args) == 2

@@ -4,7 +4,6 @@ affine, and Gaussian mixtures, whose fields are closed-form posterior mixtures).
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -172,14 +171,13 @@ def test_sliced_w1_is_exact_for_repeated_and_shifted_points():
 
 
 def test_quick_benchmark_writes_json_and_png(tmp_path):
-    start = time.perf_counter()
     result = sampler_bench.run(str(tmp_path), quick=True, verbose=False)
-    assert time.perf_counter() - start < 30
     (json_path,) = tmp_path.glob("*-cpu-samplers.json")
     (png_path,) = tmp_path.glob("*-cpu-samplers.png")
     assert png_path.stat().st_size > 10_000
     saved = json.loads(json_path.read_text())
-    assert saved["meta"]["samples"] == 1000 and saved["meta"]["nfe"] == list(sampler_bench.QUICK_NFES)
+    assert saved["meta"]["quick"] and saved["meta"]["samples"] == 1000
+    assert saved["meta"]["nfe"] == list(sampler_bench.QUICK_NFES)
     schedule_labels = {sampler_bench._schedule_label(s) for s in sampler_bench.SCHEDULES}
     for data in ("gaussian", "mixture"):
         ode = {(r["method"], r["schedule"]) for r in saved["ode"] if r["data"] == data}

@@ -7,6 +7,7 @@ import os
 import pickle
 import pickletools
 import struct
+import tokenize
 import warnings
 import zipfile
 
@@ -23,6 +24,13 @@ def first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
+
+# What numpy raises on a damaged .npy or .npz: a bad header (ValueError, or
+# SyntaxError and tokenize's TokenError from parsing it), missing data
+# (ValueError, EOFError), a damaged archive (BadZipFile, and
+# NotImplementedError for a compression method or zip version it cannot read).
+NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
+                     NotImplementedError, struct.error)
 
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE"}
 
@@ -63,6 +71,8 @@ def torch_load(path: str | os.PathLike, what: str = "file", safe_globals: tuple 
         raise IsADirectoryError(f"{what} {path!r} is a folder, not a file")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
+    with open(path, "rb"):  # one that cannot be opened (permissions) raises OSError, naming it
+        pass
     if os.path.getsize(path) == 0:
         raise FileFormatError(f"{what} {path!r} is empty (0 bytes)")
     if not _is_zip(path):

@@ -16,6 +16,7 @@ import torch
 from . import data as data_lib
 from . import sampler_bench
 from ._build import build_info, format_build_info
+from ._io import first_line
 from .training import CheckpointError, TrainConfig, load_checkpoint, load_weights, resolve_device
 
 # ------------------------------------------------------------------- info
@@ -352,8 +353,14 @@ def _check_sampling_settings(folder: str, args) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in _RUN_ONLY}
     path = os.path.join(folder, "settings.json")
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except ValueError as e:
+            saved = first_line(e)
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path} is damaged ({saved}), so the images in {folder} cannot be checked against "
+                             "these settings: choose another --out, or delete that folder to start again")
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
             raise ValueError(f"{folder} holds images drawn with other settings ({', '.join(changed)}): resume with "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._io import FileFormatError, first_line, torch_load
+from ._io import NUMPY_READ_ERRORS, FileFormatError, first_line, torch_load
 
 TOYS = ("checkerboard", "moons", "8gaussians", "spirals")
 
@@ -149,16 +149,19 @@ def check_labels(labels: Tensor, n: int, source: str) -> Tensor:
 
 
 def _load_array(path: str) -> Tensor:
+    if path.endswith(".npy"):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except NUMPY_READ_ERRORS as e:  # truncated, pickled, or not an .npy file
+            raise DataError(f"cannot read {path}: {first_line(e)}") from None
+        try:
+            return torch.from_numpy(array)
+        except TypeError:  # strings, objects
+            raise DataError(f"{path} holds values that are not numbers") from None
     try:
-        if path.endswith(".npy"):
-            return torch.from_numpy(np.load(path, allow_pickle=False))
         value = torch_load(path, "array file")
-    except FileFormatError as e:
+    except (FileFormatError, FileNotFoundError, IsADirectoryError) as e:
         raise DataError(str(e)) from None
-    except (ValueError, OSError, EOFError) as e:  # numpy: truncated, pickled or not an .npy file
-        raise DataError(f"cannot read {path}: {first_line(e)}") from None
-    except TypeError:  # torch.from_numpy: strings, objects
-        raise DataError(f"{path} holds values that are not numbers") from None
     if not isinstance(value, Tensor):
         raise DataError(f"{path} holds a {type(value).__name__}, not a tensor")
     return value
@@ -275,7 +278,7 @@ def load_latent_shards(path: str, progress: bool = True) -> Dataset:
 def _open_npy(path: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except NUMPY_READ_ERRORS as e:
         raise DataError(f"cannot read {path}: {first_line(e)}") from None
 
 

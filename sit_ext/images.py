@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._io import NUMPY_READ_ERRORS, first_line
 from .data import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -74,8 +75,8 @@ def read_image(path: str, size: int | None = None) -> np.ndarray:
         with Image.open(path) as image:
             image = image.convert("RGB")
             return center_crop(image, size) if size else np.asarray(image)
-    except OSError as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # damaged, or claims a huge size
+        raise DataError(f"cannot read image {path}: {first_line(e)}") from None
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -188,10 +189,10 @@ def read_npz(path: str) -> np.ndarray:
         if images is None:
             with np.load(path, allow_pickle=False) as f:
                 images = f["arr_0"]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"cannot read {path}: {e}") from None
+    except DataError:
+        raise
+    except NUMPY_READ_ERRORS as e:
+        raise DataError(f"cannot read {path}: {first_line(e)}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(f"{path}: arr_0 is {images.dtype} {list(images.shape)}, expected uint8 [N, H, W, 3]")
     return images
@@ -214,8 +215,8 @@ class ImageFolderArray:
             try:
                 with Image.open(path) as image:
                     sizes.append(image.size)
-            except OSError as e:
-                raise DataError(f"cannot read image {path}: {e}") from None
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"cannot read image {path}: {first_line(e)}") from None
             if sizes[-1] != sizes[0]:
                 raise DataError(f"images in {source!r} differ in size: {self.paths[0]} is {sizes[0][::-1]}, "
                                 f"{path} is {sizes[-1][::-1]}")

@@ -317,11 +317,21 @@ class _DeferredInterrupt:
 
 
 def _trim_log(path: str, step: int) -> None:
-    """Drops the log lines past `step` (written after the checkpoint a run resumes from)."""
+    """Drops the log lines past `step` (written after the checkpoint a run
+    resumes from), and any line that is not a whole record: a process killed
+    while writing one leaves it cut short."""
     if not os.path.exists(path):
         return
+
+    def kept(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line if line.endswith("\n") else line + "\n" for line in f if kept(line)]
     with open(path, "w") as f:
         f.writelines(lines)
 

@@ -348,6 +348,10 @@ def test_sample_with_vae_resumes_and_keeps_written_images(exported, vae_dir, tmp
         assert f["arr_0"].shape == (6, 16, 16, 3)
     assert run_cli(*common, "--num-samples", 6, "--seed", 1) == 2
     assert "other settings (seed)" in capsys.readouterr().err
+    (folder / "settings.json").write_text('{"seed": 0, "ste')
+    assert run_cli(*common, "--num-samples", 6) == 2
+    err = capsys.readouterr().err
+    assert "settings.json is damaged" in err.splitlines()[-1] and "Traceback" not in err
 
 
 @pytest.mark.slow

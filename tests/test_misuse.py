@@ -393,9 +393,10 @@ def test_nothing_left_behind(tmp_path):
     run = tmp_path / "run"
     common = ["--data", "moons", "--log-every", "1", "--ckpt-every", "2", *TINY]
     assert cli.main(["train", "--steps", "4", "--out", str(run), *common]) == 0
-    # A run killed after step 5 logged: its log runs past the checkpoint at step 4.
+    # A run killed after step 5 logged, while writing step 6: its log runs past the
+    # checkpoint at step 4 and ends in a line cut short (which made --resume fail).
     with open(run / "log.jsonl", "a") as f:
-        f.write('{"step": 5, "loss": 1.0, "it_s": 1.0, "lr": 0.001}\n')
+        f.write('{"step": 5, "loss": 1.0, "it_s": 1.0, "lr": 0.001}\n{"step": 6, "lo')
     (run / ".latest.pt.12345.tmp").write_bytes(b"PK half")
     assert cli.main(["train", "--steps", "6", "--out", str(run), "--resume", *common]) == 0
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in open(run / "log.jsonl")]

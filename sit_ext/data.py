@@ -230,41 +230,75 @@ class LatentShardWriter:
         return index
 
 
-def load_latent_shards(path: str, progress: bool = True) -> Dataset:
-    """The latents a LatentShardWriter wrote (``sit-ext encode``), read shard
-    by shard from memory-mapped .npy files, with a progress bar (rank 0, on a
-    terminal). Checked, naming the file: shapes and counts as the index says,
-    finite values, integer labels in [0, num_classes)."""
+def _read_latent_index(path: str) -> tuple[list[int], list[dict], int | None]:
+    """(sample shape, shards, num_classes) of a latent index, each checked:
+    positive sizes, whole counts, file names inside the folder."""
     index_path = os.path.join(path, LATENT_INDEX)
     try:
         with open(index_path) as f:
             index = json.load(f)
-        shape, shards, num_classes = [int(s) for s in index["shape"]], index["shards"], index.get("num_classes")
-        counts = [int(s["count"]) for s in shards]
-        num_classes = int(num_classes) if num_classes is not None else None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise DataError(f"cannot read the latent index {index_path}: {first_line(e)}") from None
-    if not sum(counts):
-        raise DataError(f"{index_path} lists no latents")
-    x = torch.empty(sum(counts), *shape)
+
+    def bad(what: str) -> DataError:
+        return DataError(f"the latent index {index_path} is damaged: {what}")
+
+    def whole(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    def file_name(v) -> bool:
+        return isinstance(v, str) and v != "" and os.path.basename(v) == v and v not in (".", "..")
+
+    if not isinstance(index, dict):
+        raise bad(f"it holds a {type(index).__name__}, not an object")
+    shape, shards, num_classes = index.get("shape"), index.get("shards"), index.get("num_classes")
+    if not (isinstance(shape, list) and shape and all(whole(s, 1) for s in shape)):
+        raise bad(f"shape {shape!r} is not a list of positive integers")
+    if not (isinstance(shards, list) and shards):
+        raise bad("shards is not a non-empty list")
+    for i, shard in enumerate(shards):
+        if not (isinstance(shard, dict) and file_name(shard.get("latents")) and whole(shard.get("count"), 0)
+                and ("labels" not in shard or file_name(shard["labels"]))):
+            raise bad(f"shard {i} ({shard!r}) needs a latents file name in the folder, a count >= 0 and "
+                      "optionally a labels file name")
+        if num_classes is not None and "labels" not in shard:
+            raise bad(f"it gives num_classes but no labels file for {shard['latents']}")
+    if num_classes is not None and not whole(num_classes, 1):
+        raise bad(f"num_classes {num_classes!r} is not a positive integer")
+    return shape, shards, num_classes
+
+
+def load_latent_shards(path: str, progress: bool = True) -> Dataset:
+    """The latents a LatentShardWriter wrote (``sit-ext encode``), read shard
+    by shard from memory-mapped .npy files, with a progress bar (rank 0, on a
+    terminal). Checked, naming the file: the index itself, shapes and counts as
+    it says (before any memory is taken), finite values, integer labels in
+    [0, num_classes)."""
+    shape, shards, num_classes = _read_latent_index(path)
+    arrays = []
+    for shard in shards:
+        file = os.path.join(path, shard["latents"])
+        arr = _open_npy(file)
+        if list(arr.shape) != [shard["count"], *shape] or not np.issubdtype(arr.dtype, np.floating):
+            raise DataError(f"{file} holds {arr.dtype} {list(arr.shape)}; {LATENT_INDEX} says float "
+                            f"{[shard['count'], *shape]}")
+        arrays.append(arr)
+    if not sum(s["count"] for s in shards):
+        raise DataError(f"{os.path.join(path, LATENT_INDEX)} lists no latents")
+    x = torch.empty(sum(s["count"] for s in shards), *shape)
     labels = torch.empty(len(x), dtype=torch.int64) if num_classes is not None else None
     from tqdm.auto import tqdm
 
     quiet = not progress or os.environ.get("RANK", "0") != "0"
     with tqdm(total=len(x), desc="load latents", unit="sample", disable=True if quiet else None) as bar:
         start = 0
-        for shard, n in zip(shards, counts):
-            file = os.path.join(path, shard["latents"])
-            arr = _open_npy(file)
-            if list(arr.shape) != [n, *shape] or not np.issubdtype(arr.dtype, np.floating):
-                raise DataError(f"{file} holds {arr.dtype} {list(arr.shape)}; {LATENT_INDEX} says float {[n, *shape]}")
+        for shard, arr in zip(shards, arrays):
+            n, file = shard["count"], os.path.join(path, shard["latents"])
             block = x[start : start + n].numpy()
             block[...] = arr  # reads the memory-mapped shard into place
             if not np.isfinite(block).all():
                 raise DataError(f"{file} holds NaN or infinite values")
             if labels is not None:
-                if "labels" not in shard:
-                    raise DataError(f"{index_path} gives num_classes but no labels file for {shard['latents']}")
                 label_file = os.path.join(path, shard["labels"])
                 y = check_labels(torch.from_numpy(np.array(_open_npy(label_file))), n, label_file)
                 if n and y.max() >= num_classes:

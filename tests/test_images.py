@@ -193,6 +193,26 @@ def test_latent_shards_refuse_bad_values_and_labels(latents, tmp_path):
         "range": (write("labels-00002.npy", np.array([0, 2])), "labels-00002.npy holds labels >= 2"),
         "pickle": (write("labels-00000.npy", np.array([{}] * 4, dtype=object)), "labels-00000.npy"),
     }
+    def index(**changes):
+        def change(folder):
+            saved = json.loads((folder / "latents.json").read_text())
+            saved.update(changes)
+            (folder / "latents.json").write_text(json.dumps(saved))
+        return change
+
+    # A damaged index once gave RuntimeError, KeyError or TypeError tracebacks (a negative
+    # size reached torch.empty, a missing or None file name reached os.path.join).
+    shard = {"latents": "latents-00000.npy", "labels": "labels-00000.npy", "count": 4}
+    bad.update({
+        "negative shape": (index(shape=[-4, 8, 8]), r"shape \[-4, 8, 8\] is not a list of positive integers"),
+        "negative count": (index(shards=[{**shard, "count": -4}]), "shard 0 .* needs"),
+        "no file name": (index(shards=[{"count": 4}]), "shard 0 .* needs a latents file name"),
+        "a path": (index(shards=[{**shard, "latents": "/etc/passwd"}]), "shard 0 .* needs a latents file name"),
+        "labels none": (index(shards=[{**shard, "labels": None}]), "shard 0 .* optionally a labels file name"),
+        "not an object": (lambda folder: (folder / "latents.json").write_text("[1]"), "holds a list"),
+        "huge shape": (index(shape=[10**6] * 3), r"latents-00000.npy holds float32 \[4, 4, 8, 8\]"),
+        "no classes": (index(num_classes=0), "num_classes 0 is not a positive integer"),
+    })
     for name, (change, message) in bad.items():
         with pytest.raises(data_lib.DataError, match=message):
             data_lib.load(broken(name, change))

@@ -46,7 +46,8 @@ def _plain_pickle_runs_code(path: str) -> bool | None:
     start with a whole, consistent pickle (opcodes, stack and memo checked by
     pickletools.dis), so that garbage is never mistaken for a code payload."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dis decodes string arguments, and warns on escapes in garbage
             pickletools.dis(f, out=_Discard())
             f.seek(0)
             return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(f))

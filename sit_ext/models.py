@@ -236,6 +236,7 @@ class SiT(nn.Module):
         super().__init__()
         for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels)):
             _positive_int(name, value)
+        self._check_backbone(hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be divisible by patch_size {patch_size}")
         self.kind = "image"
@@ -260,6 +261,8 @@ class SiT(nn.Module):
         _positive_int("input_dim", input_dim)
         _positive_int("max_seq_len", max_seq_len)
         _positive_int("num_steps", num_steps)
+        _positive_int("num_layers", num_layers)
+        cls._check_backbone(hidden_size, num_layers, num_heads, mlp_ratio, num_classes, class_dropout_prob)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.kind = "vector"
@@ -272,16 +275,21 @@ class SiT(nn.Module):
         model.initialize_weights()
         return model
 
-    def _build_backbone(self, hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob,
-                        out_features, fused):
+    @staticmethod
+    def _check_backbone(hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob) -> None:
+        """Before any layer is made (the embedders take hidden_size)."""
         for name, value in (("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
             _positive_int(name, value)
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 0):
             raise ValueError(f"num_classes must be None or an integer >= 0, got {num_classes!r}")
-        if not 0.0 <= class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        if isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float)) \
+                or not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob!r}")
+
+    def _build_backbone(self, hidden_size, depth, num_heads, mlp_ratio, num_classes, class_dropout_prob,
+                        out_features, fused):
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes = num_classes
         self.fused = fused

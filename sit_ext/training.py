@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from . import data as data_lib
-from ._io import FileFormatError, torch_load
+from ._io import FileFormatError, first_line, torch_load
 from .models import SiT, SiT_models
 from .transport import Transport
 
@@ -252,17 +252,71 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
         raise CheckpointError(f"{path!r} is not a sit_ext training checkpoint (it holds a {type(ckpt).__name__} "
                               "without model, config and step)")
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {path!r} is damaged: {problem}")
     return ckpt
 
 
+# TrainConfig fields that are sizes or counts (None: the data's or model's default).
+_POSITIVE_FIELDS = ("data_size", "hidden_size", "depth", "heads", "patch_size", "batch_size", "steps",
+                    "ckpt_every", "log_every")
+
+
+_TYPE_CHECKS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+                "None": lambda v: v is None}
+
+
+def _config_problem(config) -> str | None:
+    """What is wrong with a saved TrainConfig dict: a value not of its
+    field's annotated type ("int | None", ...), or a size below 1."""
+    if not isinstance(config, dict):
+        return f"its config is a {type(config).__name__}, not a dict"
+    for f in dataclasses.fields(TrainConfig):
+        value = config.get(f.name, f.default)
+        if not any(_TYPE_CHECKS[kind](value) for kind in f.type.split(" | ")):
+            return f"config {f.name} is {value!r}, expected {f.type}"
+        if f.name in _POSITIVE_FIELDS and value is not None and value < 1:
+            return f"config {f.name} is {value!r}, not a size >= 1"
+    return None
+
+
+def _checkpoint_problem(ckpt: dict) -> str | None:
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step is {step!r}"
+    problem = _config_problem(ckpt["config"])
+    if problem:
+        return problem
+    for name in ("model", "ema"):
+        state = ckpt.get(name, {})
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                  for k, v in state.items()):
+            return f"its {name} weights are not a dict of names to tensors"
+    data = ckpt.get("data")
+    if data is not None:
+        shape = data.get("shape") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or (shape is not None and not (
+                isinstance(shape, list) and shape and all(isinstance(n, int) and n >= 1 for n in shape))):
+            return f"its data record {data!r} is not a dict with a shape of positive sizes"
+    return None
+
+
 def load_weights(model: nn.Module, state: dict, what: str) -> None:
-    """load_state_dict with a clear error when the checkpoint is for another model."""
+    """load_state_dict with a clear error when the checkpoint is for another
+    model, or holds NaN or infinite weights."""
     own = model.state_dict()
     bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
     extra = sorted(k for k in state if k not in own)
     if bad or extra:
         raise CheckpointError(f"{what} does not fit this model: {len(bad)} missing or mis-shaped entries "
                               f"({', '.join(bad[:5])}), {len(extra)} unexpected ({', '.join(extra[:5])})")
+    diverged = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if diverged:
+        raise CheckpointError(f"{what} hold NaN or infinite values ({', '.join(diverged[:3])}): the run diverged "
+                              "before this checkpoint; use an earlier one")
     model.load_state_dict(state)
 
 
@@ -371,11 +425,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     batches = ShardedBatches(len(ds.x), cfg.batch_size, rank, world, cfg.seed)
     step = 0
     if ckpt is not None:
+        missing = [k for k in ("ema", "opt", "sampler", "rng") if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{resume!r} cannot be resumed: it holds no {', '.join(missing)} (a training "
+                                  "checkpoint has them; an export holds weights only)")
         load_weights(model, ckpt["model"], "the checkpoint's model weights")
         load_weights(ema, ckpt["ema"], "the checkpoint's EMA weights")
-        optimizer.load_state_dict(ckpt["opt"])
-        batches.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        try:
+            optimizer.load_state_dict(ckpt["opt"])
+            batches.load_state_dict(ckpt["sampler"])
+            set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # what a damaged state raises
+            raise CheckpointError(f"{resume!r} is damaged: cannot restore its optimizer, data order and random "
+                                  f"state ({first_line(e)})") from None
         step = int(ckpt["step"])
 
     runner: nn.Module = model

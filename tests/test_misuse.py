@@ -46,6 +46,21 @@ def files(tmp_path_factory):
     torch.save([1, 2, 3], root / "list.pt")
     with open(root / "evil.pt", "wb") as f:
         pickle.dump({"model": Evil()}, f)
+    # Checkpoints that load but hold damaged parts (each once a traceback, or NaN samples).
+    saved = torch.load(paths["ckpt"], weights_only=True)
+    for name, change in {
+        "config_list": lambda c: c.update(config=[1]),
+        "config_hidden_str": lambda c: c["config"].update(hidden_size="x"),
+        "config_hidden_negative": lambda c: c["config"].update(hidden_size=-3),
+        "data_shape_negative": lambda c: c["data"].update(shape=[-2]),
+        "ema_list": lambda c: c.update(ema=[1]),
+        "ema_nan": lambda c: c.update(ema={k: v * float("nan") for k, v in c["ema"].items()}),
+        "no_rng": lambda c: c.pop("rng"),
+        "sampler_none": lambda c: c.update(sampler=None),
+    }.items():
+        damaged = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+        change(damaged)
+        torch.save(damaged, root / f"{name}.pt")
     (root / "a_file").write_text("not a folder")
     (root / "folder.pt").mkdir()
 
@@ -155,7 +170,11 @@ API = [
     ("SiT hidden_size 0", lambda: SiT.build(8, hidden_size=0), ValueError, "hidden_size"),
     ("SiT num_heads 0", lambda: SiT.build(8, hidden_size=32, num_heads=0), ValueError, "num_heads"),
     ("SiT heads do not divide", lambda: SiT.build(8, hidden_size=30, num_heads=4), ValueError, "num_heads"),
-    ("SiT depth -1", lambda: SiT.build(8, hidden_size=32, num_layers=-1), ValueError, "depth"),
+    ("build num_layers -1", lambda: SiT.build(8, hidden_size=32, num_layers=-1), ValueError, "num_layers"),
+    ("SiT depth -1", lambda: SiT(input_size=8, hidden_size=32, depth=-1, num_heads=2), ValueError, "depth"),
+    # Negative sizes reached the embedders, made before the checks: RuntimeError from torch.empty.
+    ("build hidden_size -3", lambda: SiT.build(8, hidden_size=-3), ValueError, "hidden_size"),
+    ("SiT hidden_size -3", lambda: SiT(input_size=8, hidden_size=-3), ValueError, "hidden_size"),
     ("SiT patch_size 0", lambda: SiT(input_size=8, patch_size=0, hidden_size=32, depth=1, num_heads=2), ValueError,
      "patch_size"),
     ("SiT input_size 0", lambda: SiT(input_size=0, hidden_size=32, depth=1, num_heads=2), ValueError, "input_size"),
@@ -268,9 +287,10 @@ def cli_rows():
         ("unknown time sampler", ["train", "--time-sampler", "beta", *out], "time_sampler"),
         ("train eps 0.7", ["train", "--train-eps", "0.7", *out], "train_eps"),
         ("class dropout 1.5", ["train", "--class-dropout-prob", "1.5", *out], "class_dropout_prob"),
-        ("hidden size 0", ["train", "--hidden-size", "0", *out], "hidden_size"),
-        ("depth 0", ["train", "--depth", "0", *out], "depth"),
-        ("heads 0", ["train", "--heads", "0", *out], "num_heads"),
+        ("hidden size 0", ["train", "--hidden-size", "0", *out], "--hidden-size"),
+        ("depth 0", ["train", "--depth", "0", *out], "--depth"),
+        ("heads 0", ["train", "--heads", "0", *out], "--heads"),
+        ("patch size -2", ["train", "--data", "digits", "--patch-size", "-2", *out], "--patch-size"),
         ("heads do not divide", ["train", "--hidden-size", "30", "--heads", "4", *out], "num_heads"),
         ("existing run", ["train", "--data", "moons", "--out", "{run}"], "already holds a run"),
         ("resume and overwrite", ["train", "--resume", "--overwrite", "--out", "{run}"], "--overwrite"),
@@ -281,6 +301,18 @@ def cli_rows():
         ("resume truncated", ["train", "--resume", "{root}/truncated.pt", *out], "truncated.pt"),
         ("resume evil pickle", ["train", "--resume", "{root}/evil.pt", *out], "refusing"),
         ("resume list", ["train", "--resume", "{root}/list.pt", *out], "list.pt"),
+        ("resume config list", ["train", "--resume", "{root}/config_list.pt", *out], "config is a list"),
+        ("resume config hidden str", ["train", "--resume", "{root}/config_hidden_str.pt", *out], "hidden_size is 'x'"),
+        ("resume config hidden -3", ["train", "--resume", "{root}/config_hidden_negative.pt", *out],
+         "hidden_size is -3"),
+        ("resume ema list", ["train", "--resume", "{root}/ema_list.pt", *out], "ema weights are not a dict"),
+        ("resume ema NaN", ["train", "--resume", "{root}/ema_nan.pt", "--steps", "4", *out], "diverged"),
+        ("resume without rng", ["train", "--resume", "{root}/no_rng.pt", "--steps", "4", *out], "holds no rng"),
+        ("resume sampler None", ["train", "--resume", "{root}/sampler_none.pt", "--steps", "4", *out],
+         "cannot restore"),
+        ("sample data shape -2", ["sample", "--ckpt", "{root}/data_shape_negative.pt", "--out", "{root}/s"],
+         "data_shape_negative.pt' is damaged"),
+        ("sample ema NaN", ["sample", "--ckpt", "{root}/ema_nan.pt", "--out", "{root}/s"], "NaN or infinite"),
         ("resume other lr", ["train", "--resume", "--out", "{run}", "--steps", "9", "--lr", "0.5"], "--lr"),
         ("resume other data", ["train", "--resume", "--out", "{run}", "--steps", "9", "--data", "spirals"], "--data"),
         ("resume other model", ["train", "--resume", "--out", "{run}", "--steps", "9", "--depth", "3"], "--depth"),

@@ -68,13 +68,29 @@ def center_crop(image, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]
 
 
+def _to_rgb(image, path: str):
+    """image.convert("RGB"), except where Pillow's conversion is wrong: it
+    clips 16-bit grey pixels at 255 and turns 32-bit and float pixels into 0 or
+    255. 16-bit grey (mode I;16, or I from a PNG) is scaled to 8 bits here;
+    other 32-bit and float images are refused."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        grey = np.rint(np.asarray(image).astype(np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        return _pil().fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if image.mode in ("I", "F"):
+        raise DataError(f"cannot read image {path}: its pixels are {'float' if image.mode == 'F' else '32-bit'} "
+                        f"(mode {image.mode}), which have no standard 8-bit colours: convert it to 8 or 16 bits")
+    return image.convert("RGB")
+
+
 def read_image(path: str, size: int | None = None) -> np.ndarray:
     """An RGB image as uint8 [H, W, 3], center-cropped to size x size if given."""
     Image = _pil()
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_rgb(image, path)
             return center_crop(image, size) if size else np.asarray(image)
+    except DataError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # damaged, or claims a huge size
         raise DataError(f"cannot read image {path}: {first_line(e)}") from None
 

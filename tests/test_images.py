@@ -274,6 +274,30 @@ def test_image_folder_is_read_when_sliced(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(folder), images[order]) and folder[5:].shape == (0, 6, 4, 3)
 
 
+def test_image_modes(tmp_path):
+    """16-bit grey is scaled to 8 bits (Pillow's convert("RGB") clipped it at
+    255); 32-bit and float pixels are refused (it made them 0 or 255)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    grey16 = rng.integers(0, 65536, (12, 10), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    image = images_lib.read_image(str(tmp_path / "grey16.png"))
+    assert image.shape == (12, 10, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, np.repeat(np.rint(grey16 / 257.0).astype(np.uint8)[..., None], 3, axis=-1))
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    for mode in ("P", "LA", "L", "RGBA"):  # 8-bit modes: Pillow's conversion, as torchvision's ImageFolder
+        converted = Image.fromarray(rgb).convert(mode)
+        converted.save(tmp_path / f"{mode}.png")
+        read = images_lib.read_image(str(tmp_path / f"{mode}.png"))
+        assert np.array_equal(read, np.asarray(converted.convert("RGB")))
+    Image.fromarray(rng.integers(0, 1 << 20, (12, 10), dtype=np.int32)).save(tmp_path / "int32.tiff")
+    Image.fromarray(rng.random((12, 10), dtype=np.float32)).save(tmp_path / "float.tiff")
+    for name, fragment in (("int32.tiff", "32-bit"), ("float.tiff", "float")):
+        with pytest.raises(data_lib.DataError, match=f"{name}: its pixels are {fragment}"):
+            images_lib.read_image(str(tmp_path / name), 8)
+
+
 def test_bad_image_input_is_one_line(tmp_path, vae_dir, capsys):
     def fails(*args, fragment):
         assert run_cli(*args) == 2

@@ -149,7 +149,7 @@ def _sample_batch(transport, model, z, labels, args, gen, progress):
     if args.method == "ode":
         return transport.sample_ode(model, z, method=args.solver, num_steps=args.steps, atol=args.atol,
                                     rtol=args.rtol, **common)
-    return transport.sample_sde(model, z, method=args.solver if args.solver in ("euler", "heun") else "euler",
+    return transport.sample_sde(model, z, method=args.solver,
                                 num_steps=args.steps, diffusion_form=args.diffusion_form,
                                 diffusion_norm=args.diffusion_norm,
                                 last_step=None if args.last_step == "none" else args.last_step,
@@ -377,6 +377,8 @@ def cmd_sample(args) -> int:
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.method == "sde" and args.solver not in ("euler", "heun"):  # it once ran Euler-Maruyama instead
+        raise ValueError(f"--solver {args.solver} is not an SDE solver: --method sde takes euler or heun")
     if args.vae:
         return _sample_images(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -347,6 +347,8 @@ def cli_rows():
         ("num-samples -3", [*sample, "--num-samples", "-3"], "--num-samples"),
         ("sample batch-size 0", [*sample, "--batch-size", "0"], "--batch-size"),
         ("sample steps 0", [*sample, "--steps", "0"], "num_steps"),
+        ("sde solver rk4", [*sample, "--method", "sde", "--solver", "rk4"], "--solver rk4"),  # ran Euler instead
+        ("ode solver foo", [*sample, "--solver", "foo"], "foo"),
         ("sample device foo", [*sample, "--device", "foo"], "--device"),
         ("diffusion form", [*sample, "--method", "sde", "--diffusion-form", "cubic"], "diffusion_form"),
         ("last step", [*sample, "--method", "sde", "--last-step", "Exact"], "last_step"),

@@ -171,11 +171,24 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _linear_input_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype the next Linear computes in: autocast's when it is on (the
-    fused ops then write y in it, sparing autocast a cast pass), else None (x's)."""
+def _fused_dtypes(x: Tensor, mods: tuple[Tensor, ...]) -> tuple[torch.dtype | None, tuple[Tensor, ...]]:
+    """(the dtype the fused ops write y in, the modulation vectors in a dtype
+    they take). A float32 residual stream under autocast writes y in
+    autocast's dtype, that of the next Linear (sparing autocast a cast pass),
+    and takes the Linear-made low-precision modulation as it is. Any other
+    stream (float64, which autocast never casts, or half precision) writes y
+    in its own dtype, with the [B, D] modulation vectors cast to it."""
     kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind), mods
+    return None, tuple(m.to(x.dtype) for m in mods)
+
+
+def _to_stream(x: Tensor, h: Tensor) -> Tensor:
+    """A branch output h in the dtype the fused ops take beside x: as it is
+    beside float32 x; cast to x's dtype beside any other (a half-precision
+    stream under autocast of the other half type gets h in autocast's)."""
+    return h if x.dtype == torch.float32 or h.dtype == x.dtype else h.to(x.dtype)
 
 
 class SiTBlock(nn.Module):
@@ -197,10 +210,12 @@ class SiTBlock(nn.Module):
         if not fused:
             x = ref.gated_residual(x, self.attn(ref.ln_modulate(x, shift_msa, scale_msa)), gate_msa)
             return ref.gated_residual(x, self.mlp(ref.ln_modulate(x, shift_mlp, scale_mlp)), gate_mlp)
-        y_dtype = _linear_input_dtype(x)
+        y_dtype, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = _fused_dtypes(
+            x, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp))
         y = ops.ln_modulate(x, shift_msa, scale_msa, out_dtype=y_dtype)
-        x, y = ops.gated_residual_ln_modulate(x, self.attn(y), gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype)
-        return ops.gated_residual(x, self.mlp(y), gate_mlp)
+        x, y = ops.gated_residual_ln_modulate(x, _to_stream(x, self.attn(y)), gate_msa, shift_mlp, scale_mlp,
+                                              out_dtype=y_dtype)
+        return ops.gated_residual(x, _to_stream(x, self.mlp(y)), gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -386,13 +401,16 @@ class SiT(nn.Module):
                 x = block(x, c, fused=False)
             return self.final_layer(x, c)
         mods = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
-        y_dtype = _linear_input_dtype(x)
+        y_dtype = _fused_dtypes(x, ())[0]
+        mods = [_fused_dtypes(x, m)[1] for m in mods]
         y = ops.ln_modulate(x, *mods[0][:2], out_dtype=y_dtype)
         for i, block in enumerate(self.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
             next_shift, next_scale = mods[i + 1][:2]
-            x, y = ops.gated_residual_ln_modulate(x, block.attn(y), gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype)
-            x, y = ops.gated_residual_ln_modulate(x, block.mlp(y), gate_mlp, next_shift, next_scale, out_dtype=y_dtype)
+            x, y = ops.gated_residual_ln_modulate(x, _to_stream(x, block.attn(y)), gate_msa, shift_mlp, scale_mlp,
+                                                  out_dtype=y_dtype)
+            x, y = ops.gated_residual_ln_modulate(x, _to_stream(x, block.mlp(y)), gate_mlp, next_shift, next_scale,
+                                                  out_dtype=y_dtype)
         return self.final_layer.linear(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:

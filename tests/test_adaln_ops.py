@@ -10,7 +10,7 @@ from helpers import assert_bitwise_reproducible, assert_close_to_ref, expect_err
 
 from sit_ext import ops
 from sit_ext import reference as ref
-from sit_ext.models import _linear_input_dtype
+from sit_ext.models import _fused_dtypes
 
 # [B, T, D] and [B, D] shapes; D = 384, 768, 1024, 1152 are first-class, 1 and 7 are odd. On CUDA,
 # 2050 (odd) and 5000 take the streamed backward, 9000 and 16384 the streamed forward as well.
@@ -201,8 +201,7 @@ def test_torch_compile_fullgraph(device, autocast):
     mod = torch.nn.Linear(16, 192).to(device)
 
     def stack(x, c):
-        s1, c1, g1, s2, c2, g2 = mod(c).chunk(6, dim=1)
-        y_dtype = _linear_input_dtype(x)
+        y_dtype, (s1, c1, g1, s2, c2, g2) = _fused_dtypes(x, mod(c).chunk(6, dim=1))
         y = ops.ln_modulate(x, s1, c1, out_dtype=y_dtype)
         x, y = ops.gated_residual_ln_modulate(x, lin(y), g1, s2, c2, out_dtype=y_dtype)
         return ops.gated_residual(x, lin(y), g2).square().mean()

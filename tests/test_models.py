@@ -307,6 +307,37 @@ def test_autocast_cpu_bf16():
     assert (fused.float() - unfused.float()).abs().max() < 5e-2
 
 
+def test_autocast_with_a_float64_or_half_precision_stream():
+    """Autocast casts float32 only: a float64 model under bf16 autocast stays
+    float64 (fused refused it, naming an out_dtype the user never passed), and a
+    float16 block under bf16 autocast gets bfloat16 modulation from its Linear
+    (fused refused the mix; it now casts the [B, D] vectors to the stream's)."""
+    model = image_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([3, 4])
+    model.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, unfused = both_paths(model, x.double(), t.double(), y)
+        cfg = model.forward_with_cfg(torch.cat([x, x]).double(), torch.cat([t, t]).double(),
+                                     torch.tensor([3, 4, 10, 10]), 2.0)
+    assert fused.dtype == unfused.dtype == cfg.dtype == torch.float64
+    torch.testing.assert_close(fused, unfused, rtol=1e-10, atol=1e-10)
+    block = model.blocks[0].half()
+    h, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    exact = block.double()(h.double(), c.double(), fused=False)
+    block.half()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, unfused = block(h.half(), c.half()), block(h.half(), c.half(), fused=False)
+    assert fused.dtype == torch.float16
+    err, eager_err = ((out.double() - exact).abs().max().item() for out in (fused, unfused))
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
+    exact = model.double()(x.double(), t.double(), y)
+    model.half()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, unfused = both_paths(model, x.half(), t.half(), y)
+    err, eager_err = ((out.double() - exact).abs().max().item() for out in (fused, unfused))
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
+
+
 def test_env_does_not_download():
     # from_pretrained takes local files only; a URL-like string is just a missing file.
     with pytest.raises((FileNotFoundError, OSError)):

@@ -1,6 +1,8 @@
 """The seed's functional API for flat vectors and images, backed by the fused ops.
 
-Convention: t = 0 is data, t = 1 is noise. x and noise are [B, ...]; t is [B].
+Convention: t = 0 is data, t = 1 is noise. x and noise are [B, ...], of one
+dtype; t is [B]. Paths and velocities come back in x's dtype, whatever t's:
+unlike eager PyTorch, a float32 t does not promote bfloat16 x.
 """
 
 from __future__ import annotations

@@ -430,14 +430,15 @@ class SiT(nn.Module):
             raise ValueError(f"forward_with_cfg: expected an even batch (conditional and unconditional halves), "
                              f"got {len(x)}")
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        out = self.forward(half.repeat(2, *[1] * (half.dim() - 1)), t, y)
         if cfg_channels is not None and not 1 <= cfg_channels <= out.shape[1]:
             raise ValueError(f"cfg_channels must be in [1, {out.shape[1]}] (the output's channels), got {cfg_channels}")
         k = out.shape[1] if cfg_channels is None else cfg_channels
         guided, rest = out[:, :k], out[:, k:]
         cond, uncond = guided.split(len(guided) // 2, dim=0)
         mixed = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([mixed, mixed], dim=0), rest], dim=1)
+        with torch.autocast(x.device.type, enabled=False):  # autocast's cat refuses float16 beside bfloat16
+            return torch.cat([mixed.repeat(2, *[1] * (mixed.dim() - 1)), rest], dim=1)
 
     # ------------------------------------------------------------- loading
 

@@ -80,7 +80,11 @@ def _time_input(x: Tensor, t: Tensor | None, schedule: str, coefficients: Coeffi
         if not isinstance(c, Tensor) or c.dim() != 1 or c.shape[0] != batch:
             shape = tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__
             raise ValueError(f"coefficient {name} must have shape [{batch}], got {shape}")
-    return torch.stack(tuple(c if u else c.detach() for c, u in zip(coefficients, used)), dim=1), _COEFFICIENTS
+    # In float32 (float64 if any is): exact for half-precision vectors, and a stack
+    # that autocast takes (it refuses float16 beside bfloat16 autocast, and mixes).
+    acc = torch.float64 if any(c.dtype == torch.float64 for c in coefficients) else torch.float32
+    table = [(c if u else c.detach()).to(acc) for c, u in zip(coefficients, used)]
+    return torch.stack(table, dim=1), _COEFFICIENTS
 
 
 def _check_weight(weight: Tensor | None, per_sample: Tensor) -> None:

@@ -25,9 +25,10 @@ def schedule_coefficients(t: Tensor, schedule: str) -> tuple[Tensor, Tensor, Ten
         # Held at its ends outside [0, 1]: for -0.01 < t < 0, alpha > 1 and beta = sqrt(1 - alpha^2) is NaN.
         t = t.clamp(0, 1)
         span = VP_BETA_MAX - VP_BETA_MIN
-        alpha = torch.exp(-0.25 * t * t * span - 0.5 * t * VP_BETA_MIN)
+        log_alpha = -0.25 * t * t * span - 0.5 * t * VP_BETA_MIN
+        alpha = torch.exp(log_alpha)
         d_alpha = alpha * (-0.5 * t * span - 0.5 * VP_BETA_MIN)
-        beta = torch.sqrt(1 - alpha * alpha)
+        beta = torch.sqrt(-torch.expm1(2 * log_alpha))  # 1 - alpha^2 without the cancellation near t = 0
         return alpha, beta, d_alpha, -alpha * d_alpha / beta
     raise ValueError(f"unknown schedule {schedule!r}")
 

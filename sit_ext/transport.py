@@ -242,9 +242,9 @@ class Transport:
     def training_losses(self, model: Callable, x: Tensor, model_kwargs: dict | None = None,
                         generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Draws t and eps (from `generator`, if given), runs the model on x_t and
-        returns {"loss": per-sample loss [B] (float32), "pred": the model output,
-        "t": t}. Velocity prediction goes through the fused velocity-MSE kernel,
-        which never writes u_t."""
+        returns {"loss": per-sample loss [B] (float32, or float64 for float64 x
+        or prediction), "pred": the model output, "t": t}. Velocity prediction
+        goes through the fused velocity-MSE kernel, which never writes u_t."""
         t = self.sample_time(x.shape[0], x.device, generator,
                              torch.float64 if x.dtype == torch.float64 else torch.float32)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -259,6 +259,9 @@ class Transport:
 
     def loss(self, pred: Tensor, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Per-sample loss of a prediction at (x, noise, t)."""
+        if not self.fused:  # accumulate as the fused kernels do (a bfloat16 mean of squares loses ~3 digits)
+            acc = torch.float64 if torch.float64 in (pred.dtype, x.dtype) else torch.float32
+            pred, x, noise = pred.to(acc), x.to(acc), noise.to(acc)
         if self.prediction == "velocity":
             if self.fused:
                 return self.schedule.velocity_mse(pred, x, noise, t)
@@ -307,7 +310,8 @@ class Transport:
         both_y = torch.cat([y, torch.full_like(y, null_label)])
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
-            out = self.call_model(model, torch.cat([x, x]), torch.cat([t, t]), {**kwargs, "y": both_y})
+            # repeat, not cat: autocast's cat refuses float16 x beside bfloat16 autocast
+            out = self.call_model(model, x.repeat(2, *[1] * (x.dim() - 1)), t.repeat(2), {**kwargs, "y": both_y})
             cond, uncond = out.chunk(2)
             scale = torch.where((t >= lo) & (t <= hi), cfg_scale, 1.0)
             return uncond + per_sample(scale, x) * (cond - uncond)
@@ -357,7 +361,7 @@ class Transport:
             x = step(field, x, grid[i], grid[i + 1], method)
             if return_trajectory:
                 path.append(x)
-        return torch.stack(path) if return_trajectory else x
+        return _finish(x, path, noise.dtype, return_trajectory)
 
     # --------------------------------------------------------------- SDE
 
@@ -434,7 +438,7 @@ class Transport:
                 x = self.schedule.expected_data(s, x, t)
             if return_trajectory:
                 path.append(x)
-        return torch.stack(path) if return_trajectory else x
+        return _finish(x, path, noise.dtype, return_trajectory)
 
     # -------------------------------------------------------- likelihood
 
@@ -553,7 +557,18 @@ def adams_sample(field: Field, x: Tensor, grid: Tensor, progress: bool = False, 
             v_p, v = v, v_n
         if return_trajectory:
             path.append(x)
-    return torch.stack(path) if return_trajectory else x
+    return _finish(x, path, path[0].dtype, return_trajectory)
+
+
+def _finish(x: Tensor, path: list[Tensor], dtype: torch.dtype, trajectory: bool) -> Tensor:
+    """The samples in the noise's dtype (a step may promote them: float16
+    noise with a model that predicts in bfloat16 or float32), or the trajectory
+    stacked in it, outside autocast (whose stack refuses float16 beside a
+    bfloat16 autocast)."""
+    if not trajectory:
+        return x.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.stack([p.to(dtype) for p in path])
 
 
 def sde_step(drift, diffusion, x: Tensor, z: Tensor, t_cur: Tensor, t_next: Tensor, method: str,

@@ -182,6 +182,20 @@ def test_fused_and_reference_losses_agree(path, prediction, weight):
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_low_precision_losses_accumulate_in_float32(prediction):
+    """bfloat16 prediction, data and noise: the loss is float32 fused and
+    unfused (unfused returned a bfloat16 mean of squares, 1e-2 off), as close
+    to the float64 loss of the same inputs as float32 accumulation allows."""
+    pred, x, noise = (torch.randn(16, 64, dtype=torch.bfloat16) for _ in range(3))
+    t = torch.rand(16) * 0.9 + 0.05
+    exact = Transport("linear", prediction, fused=False).loss(pred.double(), x.double(), noise.double(), t.double())
+    for fused in (True, False):
+        got = Transport("linear", prediction, fused=fused).loss(pred, x, noise, t)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_exact_fields_have_the_smallest_loss(prediction):
     """The loss is minimised by the exact field: a check that targets and
     weightings are consistent with the samplers' conversions."""

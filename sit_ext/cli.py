@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -172,6 +173,8 @@ def _labels(args, num_classes, n, device):
     if not num_classes:
         if args.labels:
             raise ValueError("this model has no classes: drop --labels")
+        if args.cfg_scale != 1.0:
+            raise ValueError("--cfg-scale guides toward a class, and this model has no classes: drop it")
         return None
     if args.labels:
         bad = [c for c in args.labels if not 0 <= c < num_classes]
@@ -226,7 +229,8 @@ def _read_checkpoint(path: str) -> dict:
     except (KeyError, ValueError):
         raise CheckpointError(f"{path!r} is not a sit-ext export: its metadata lacks the run's config, data or "
                               "weights (sit-ext export writes them)") from None
-    return {"config": config, "data": info, which: state, "step": int(meta.get("step", 0))}
+    return {"config": config, "data": info, which: state, "step": int(meta.get("step", 0)),
+            "ema_warmup": meta.get("ema_warmup") == "1"}
 
 
 def _load_sampler(args, device):
@@ -240,7 +244,10 @@ def _load_sampler(args, device):
         raise ValueError("pass exactly one of --ckpt (a sit_ext checkpoint) or --official (an official SiT file)")
     reference = None
     if args.official:
-        model = SiT.from_pretrained(args.official, model=args.model, input_size=args.image_size // 8)
+        if args.image_size % 8:
+            raise ValueError(f"--image-size must be a multiple of 8 (the VAE's factor), got {args.image_size}")
+        model = SiT.from_pretrained(args.official, model=args.model, input_size=args.image_size // 8,
+                                    weights=args.weights)
         transport = Transport("linear", "velocity", model_time="official")
         shape, kind, num_classes = (model.in_channels, model.input_size, model.input_size), "image", model.num_classes
     else:
@@ -254,8 +261,8 @@ def _load_sampler(args, device):
         model = build_model(cfg, spec)
         which = "ema" if args.weights == "ema" else "model"
         if which not in ckpt:
-            raise CheckpointError(f"{args.ckpt!r} holds only the {'model' if which == 'ema' else 'ema'} weights: "
-                                  f"drop --weights {args.weights}")
+            other = "model" if which == "ema" else "ema"
+            raise CheckpointError(f"{args.ckpt!r} holds only the {other} weights: pass --weights {other}")
         load_weights(model, ckpt[which], f"the checkpoint's {which} weights")
         step = int(ckpt.get("step", 0))
         if which == "ema" and not ckpt.get("ema_warmup") and step * (1 - cfg.ema_decay) < 3:
@@ -348,12 +355,23 @@ def _sample_images(args) -> int:
 _RUN_ONLY = ("num_samples", "batch_size", "device", "fused", "quiet", "out", "fn", "command")
 
 
+def _file_digest(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_sampling_settings(folder: str, args) -> None:
-    """OUT/images/settings.json records what drew its images; a resumed run
-    with other settings would mix two kinds of sample, and is refused."""
+    """OUT/images/settings.json records what drew its images, the checkpoint's
+    contents included (a run trained on keeps its path); a resumed run with
+    other settings would mix two kinds of sample, and is refused. A folder with
+    no image yet takes the new settings."""
     settings = {k: v for k, v in vars(args).items() if k not in _RUN_ONLY}
+    settings["checkpoint_digest"] = _file_digest(args.ckpt or args.official)
     path = os.path.join(folder, "settings.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and any(f.endswith(".png") for f in os.listdir(folder)):
         try:
             with open(path) as f:
                 saved = json.load(f)
@@ -364,13 +382,19 @@ def _check_sampling_settings(folder: str, args) -> None:
                              "these settings: choose another --out, or delete that folder to start again")
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
-            raise ValueError(f"{folder} holds images drawn with other settings ({', '.join(changed)}): resume with "
-                             "the same ones, or choose another --out")
+            what = ", ".join("the checkpoint's contents" if k == "checkpoint_digest" else k for k in changed)
+            raise ValueError(f"{folder} holds images drawn with other settings ({what}): resume with the same "
+                             "ones, or choose another --out")
         return
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(settings, f, indent=1)
     os.replace(tmp, path)
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"--seed must be in [0, 2**31), got {seed}")
 
 
 def cmd_sample(args) -> int:
@@ -379,6 +403,10 @@ def cmd_sample(args) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.method == "sde" and args.solver not in ("euler", "heun"):  # it once ran Euler-Maruyama instead
         raise ValueError(f"--solver {args.solver} is not an SDE solver: --method sde takes euler or heun")
+    _check_seed(args.seed)
+    if args.schedule_param is not None and args.schedule == "uniform":
+        raise ValueError("--schedule-param sets the shift or power of --schedule shift or power; the uniform "
+                         "schedule has none")
     if args.vae:
         return _sample_images(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -389,7 +417,11 @@ def cmd_sample(args) -> int:
     t0 = time.perf_counter()
     samples = _sample_with(transport, model, shape, args.num_samples, args, labels, device)
     seconds = time.perf_counter() - t0
-    title = f"{args.method.upper()} {args.solver}, {args.steps} steps" + (
+    from .transport import ODE_FIXED, TORCHDIFFEQ_FIXED
+
+    adaptive = args.method == "ode" and args.solver not in (*ODE_FIXED, "adams", *TORCHDIFFEQ_FIXED)
+    steps = f"atol {args.atol:g}, rtol {args.rtol:g}" if adaptive else f"{args.steps} steps"
+    title = f"{args.method.upper()} {args.solver}, {steps}" + (
         f", cfg {args.cfg_scale:g}" if args.cfg_scale != 1.0 else "")
     written = write_samples(args.out, samples, labels, kind, title, reference)
     print(f"{args.num_samples} samples in {seconds:.1f} s: " + ", ".join(written))
@@ -413,9 +445,11 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--rtol", type=float, default=1e-3)
-    p.add_argument("--diffusion-form", default="sigma")
+    p.add_argument("--diffusion-form", default="sigma",
+                   choices=["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"])
     p.add_argument("--diffusion-norm", type=float, default=1.0)
-    p.add_argument("--last-step", default="Mean", help="Mean, Tweedie, Euler or none")
+    p.add_argument("--last-step", default="Mean", choices=["Mean", "Tweedie", "Euler", "none"],
+                   help="the SDE's last step to t = 0")
     p.add_argument("--last-step-size", type=float, default=0.04)
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("T_LO", "T_HI"))
@@ -427,7 +461,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="decode with this AutoencoderKL (a local folder or a cached Hub id) to images: "
                                  "OUT/images/*.png (kept on a rerun: it resumes), OUT/samples.npz (ADM layout), "
                                  "OUT/samples.png; runs under torchrun")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # ---------------------------------------------------- encode, export, evaluate
@@ -456,6 +490,7 @@ def cmd_export(args) -> int:
     if args.weights not in ckpt:
         raise CheckpointError(f"{args.ckpt!r} holds no {args.weights} weights")
     metadata = {"format": "sit_ext", "weights": args.weights, "step": str(int(ckpt["step"])),
+                "ema_warmup": "1" if ckpt.get("ema_warmup") else "0",
                 "config": json.dumps(ckpt["config"]), "data": json.dumps(ckpt["data"])}
     save_safetensors(args.out, ckpt[args.weights], metadata)
     print(f"wrote {args.out}: the {args.weights} weights at step {ckpt['step']}, with the run's config")
@@ -491,7 +526,7 @@ def _add_image_commands(sub) -> None:
     encode.add_argument("--shard-size", type=int, default=10_000, help="latents per .npy shard")
     encode.add_argument("--seed", type=int, default=0, help="for the latent samples and random flips")
     encode.add_argument("--device", default="auto")
-    encode.add_argument("--quiet", action="store_true")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(fn=cmd_encode)
     export = sub.add_parser("export", help="a checkpoint's weights as .safetensors, with the run's config")
     export.add_argument("--ckpt", required=True, help="a sit_ext checkpoint (latest.pt of a run)")
@@ -506,7 +541,7 @@ def _add_image_commands(sub) -> None:
                                "weights-inception-2015-12-05-6726825d.pth from its releases")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--quiet", action="store_true")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(fn=cmd_evaluate)
 
 
@@ -517,7 +552,10 @@ def cmd_bench(args) -> int:
     from . import benchmark, plots
 
     device = resolve_device(args.device)  # bad input fails here, before the restart
-    if args.digits:
+    unknown = sorted(set(args.ops or ()) - set(benchmark.OP_FAMILIES))
+    if unknown:
+        raise ValueError(f"--ops: unknown op families {unknown}: choose from {sorted(benchmark.OP_FAMILIES)}")
+    if args.digits is not None:
         sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed)
         return 0
     if args.samplers:
@@ -563,6 +601,8 @@ def cmd_demo(args) -> int:
     digits = args.data == "digits"
     if args.data not in DATA_DEFAULTS:
         raise ValueError(f"--data {args.data!r}: the demo runs on {', '.join(DATA_DEFAULTS)}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     steps = args.steps or (3000 if cuda else DATA_DEFAULTS[args.data]["steps"])
     out = args.out or tempfile.mkdtemp(prefix="sit-ext-demo-")
     cfg = TrainConfig.for_data(args.data, steps=steps, seed=args.seed, out=out, ckpt_every=steps, log_every=50,
@@ -655,8 +695,15 @@ def _step_speed(cfg: TrainConfig, device: torch.device, rounds: int = 15) -> tup
 # ------------------------------------------------------------------- main
 
 
-def _parser_with_help(*args, **kwargs) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(*args, **{"formatter_class": _Help, **kwargs})
+class _Parser(argparse.ArgumentParser):
+    """Defaults shown in --help, and a user error in one line (argparse's own
+    prints the usage block first)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": _Help, **kwargs})
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _Help(argparse.HelpFormatter):
@@ -676,8 +723,8 @@ def _shows_default(action: argparse.Action) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sit-ext", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_parser_with_help)
+    p = _Parser(prog="sit-ext", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     info = sub.add_parser("info", help="the build, and the device")
     info.add_argument("--device", default="auto")
     info.set_defaults(fn=cmd_info)
@@ -709,7 +756,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--out", help="output folder (default: a new temporary folder)")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(fn=cmd_demo)
     for command in sub.choices.values():  # argparse shows no help for help-less options: give them their default
         for action in command._actions:
@@ -719,7 +766,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error argparse has printed in one line (2)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -445,17 +445,17 @@ class SiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_state_dict: str | os.PathLike | Mapping[str, Tensor],
                         model: str = "SiT-XL/2", map_location: str | torch.device = "cpu",
-                        **overrides) -> SiT:
+                        weights: str = "ema", **overrides) -> SiT:
         """An official (or sit_ext) SiT checkpoint, in eval mode, from a local
         file or a state dict: a plain state dict, or a dict with "ema"
-        (preferred) or "model"; or a .safetensors file (``sit-ext export``
-        writes one), read without pickle. Never downloads. Other files load with
-        weights_only=True: a file that needs arbitrary unpickling is refused.
-        `overrides` change the preset's constructor arguments (e.g.
-        input_size=64, num_classes=10)."""
+        (preferred, or weights="model") or "model"; or a .safetensors file
+        (``sit-ext export`` writes one), read without pickle. Never downloads.
+        Other files load with weights_only=True: a file that needs arbitrary
+        unpickling is refused. `overrides` change the preset's constructor
+        arguments (e.g. input_size=64, num_classes=10)."""
         if model not in SiT_models:
             raise ValueError(f"unknown model {model!r}: choose from {sorted(SiT_models)}")
-        state = load_state_dict(path_or_state_dict, map_location)
+        state = load_state_dict(path_or_state_dict, map_location, weights)
         net = SiT_models[model](**overrides)
         check_state_dict(net, state, model)
         net.load_state_dict(state, strict=True)
@@ -467,23 +467,35 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def load_state_dict(path_or_state_dict, map_location="cpu") -> dict[str, Tensor]:
+def load_state_dict(path_or_state_dict, map_location="cpu", weights: str = "ema") -> dict[str, Tensor]:
     """The model weights in a checkpoint: its "ema" entry, else its "model"
-    entry, else the whole dict; a .safetensors file's tensors."""
+    entry, else the whole dict; a .safetensors file's tensors. weights="model"
+    takes the "model" entry, and refuses a file without one (it would
+    otherwise give the EMA, or the only weights there are, without a word)."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if isinstance(path_or_state_dict, Mapping):
         ckpt, source = path_or_state_dict, "the state dict"
     elif not isinstance(path_or_state_dict, (str, os.PathLike)):
         raise TypeError("path_or_state_dict must be a file path or a mapping of names to tensors, "
                         f"got {type(path_or_state_dict).__name__}")
     elif os.fspath(path_or_state_dict).endswith(".safetensors"):
-        return read_safetensors(path_or_state_dict, map_location)[0]
+        state, meta = read_safetensors(path_or_state_dict, map_location)
+        if weights == "model" and meta.get("weights", "model") != "model":
+            raise ValueError(f"{os.fspath(path_or_state_dict)!r} holds the {meta['weights']} weights only "
+                             "(sit-ext export --weights model writes the model's): drop weights='model' (--weights "
+                             "model)")
+        return state
     else:
         # argparse.Namespace: the official training checkpoints store their args in one.
         source = repr(os.fspath(path_or_state_dict))
         ckpt = torch_load(path_or_state_dict, "checkpoint", safe_globals=(argparse.Namespace,))
         if not isinstance(ckpt, Mapping):
             raise FileFormatError(f"checkpoint {source} holds a {type(ckpt).__name__}, not a state dict")
-    for key in ("ema", "model"):
+    if weights == "model" and not isinstance(ckpt.get("model"), Mapping):
+        raise ValueError(f"{source} holds one set of weights (no \"model\" entry beside an EMA): "
+                         "drop weights='model' (--weights model)")
+    for key in ("ema", "model") if weights == "ema" else ("model",):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
             break
@@ -521,7 +533,9 @@ def save_safetensors(path: str | os.PathLike, state: Mapping[str, Tensor], metad
     temporary file renamed over `path`."""
     safetensors = _safetensors()
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         safetensors.torch.save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp,
                                     metadata=metadata)

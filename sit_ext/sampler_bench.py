@@ -217,6 +217,7 @@ def run(out_dir: str, quick: bool = False, device: str = "cpu", samples: int | N
     start = time.perf_counter()
     n = samples or (1000 if quick else 20_000)
     nfes = sorted(nfe or (QUICK_NFES if quick else NFES))
+    _check_sizes(samples=n, nfe=nfes)
     say = print if verbose else (lambda *a, **k: None)
     transport = Transport("linear", "velocity")
     datas = {"gaussian": stiff_gaussian(), "mixture": narrow_mixture()}
@@ -294,6 +295,17 @@ DIGITS_SETTINGS = (("heun", ("uniform", None)), ("adams", ("shift", 0.5)))
 DIGITS_NFES = (4, 8, 16, 32, 64)
 
 
+def _check_sizes(samples: int | None = None, nfe: list[int] | None = None, steps: int | None = None) -> None:
+    """ValueError naming the flag: fewer than 2 samples (a spread needs 2), an
+    NFE below 2 (Heun's least), a digits run of no steps."""
+    if samples is not None and samples < 2:
+        raise ValueError(f"--samples must be >= 2, got {samples}")
+    if nfe is not None and min(nfe) < 2:
+        raise ValueError(f"--nfe must be >= 2 (Heun takes 2 evaluations a step), got {min(nfe)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--digits STEPS must be >= 1, got {steps}")
+
+
 def run_digits(out_dir: str, steps: int = 1500, device: str = "cpu", nfe: list[int] | None = None,
                per_class: int = 50, cfg_scale: float = 2.0, seed: int = 0, verbose: bool = True) -> dict:
     """The same on a trained model: trains the digits demo's SiT for `steps`
@@ -302,6 +314,7 @@ def run_digits(out_dir: str, steps: int = 1500, device: str = "cpu", nfe: list[i
     classifier trained on real digits: the requested class's accuracy, and the
     Frechet distance of its features to held-out digits). Writes
     <date>-<device>-samplers-digits.json into out_dir."""
+    _check_sizes(nfe=nfe, steps=steps)
     import tempfile
 
     from . import data as data_lib

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -83,6 +84,24 @@ class TrainConfig:
     def for_data(cls, data: str, **given) -> TrainConfig:
         """The defaults, then those of a built-in data set (DATA_DEFAULTS), then `given`."""
         return cls(**{"data": data, **DATA_DEFAULTS.get(data, {}), **given})
+
+    def check(self) -> None:
+        """ValueError naming the field (and its flag) for a value that would
+        train to a wrong result without a word: a negative --grad-clip climbs
+        the loss, an --ema-decay outside [0, 1] makes the EMA explode."""
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(self, name)!r}")
+
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", "a finite number >= 0")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise bad("grad_clip", "a finite number > 0 (omit it for no clipping)")
+        if not 0 <= self.ema_decay <= 1:
+            raise bad("ema_decay", "in [0, 1]")
+        if not 0 <= self.seed < 2**31:
+            raise bad("seed", "in [0, 2**31)")
 
 
 # Defaults for the built-in data that learn in minutes on a CPU (the demo's settings).
@@ -245,6 +264,9 @@ def remove_stale_temporaries(directory: str, name: str = "latest.pt") -> list[st
 
 def load_checkpoint(path: str) -> dict:
     """A sit_ext training checkpoint, loaded without running code from it."""
+    if os.fspath(path).endswith(".safetensors"):
+        raise CheckpointError(f"{path!r} is an export (weights only, no optimizer or data order): train and resume "
+                              "from the run's latest.pt; sample and from_pretrained read exports")
     try:
         ckpt = torch_load(path, "checkpoint")
     except (FileNotFoundError, IsADirectoryError, FileFormatError) as e:
@@ -403,15 +425,20 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ckpt = load_checkpoint(resume) if resume else None
+    existing = os.path.join(cfg.out, "latest.pt")
     if ckpt is not None:
         cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]),
                                   **{name: getattr(cfg, name) for name in RUNTIME_FIELDS})
         if cfg.steps <= int(ckpt["step"]):
             raise ValueError(f"{resume} is already at step {ckpt['step']}: --steps {cfg.steps} leaves nothing to "
                              f"train; pass a larger --steps to continue")
-    elif not overwrite and os.path.exists(os.path.join(cfg.out, "latest.pt")):
+        if os.path.exists(existing) and not os.path.samefile(existing, resume):
+            raise ValueError(f"--out {cfg.out} holds another run (latest.pt), which continuing {resume} there would "
+                             "replace: choose another --out")
+    elif not overwrite and os.path.exists(existing):
         raise ValueError(f"--out {cfg.out} already holds a run (latest.pt): pass --resume to continue it, "
                          "--overwrite to start it again, or another --out")
+    cfg.check()
     torch.manual_seed(cfg.seed + rank)  # per-rank noise and times; the data order is shared
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)

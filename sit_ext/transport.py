@@ -298,7 +298,9 @@ class Transport:
         as uncond + scale (cond - uncond) for t in cfg_interval (cond elsewhere)."""
         kwargs = dict(model_kwargs or {})
         lo, hi = _interval_arg("cfg_interval", cfg_interval)
-        if _number("cfg_scale", cfg_scale) == 1.0:
+        if not math.isfinite(_number("cfg_scale", cfg_scale)):
+            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+        if cfg_scale == 1.0:
             return lambda x, t: self.call_model(model, x, t, kwargs)
         y = kwargs.pop("y", None)
         if y is None:
@@ -307,6 +309,10 @@ class Transport:
             null_label = getattr(model, "num_classes", None)
             if null_label is None:
                 raise ValueError("classifier-free guidance needs null_label= (the model has no num_classes)")
+            table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+            if table is not None and null_label >= table.num_embeddings:
+                raise ValueError("classifier-free guidance needs the model's null class, and this one has none "
+                                 "(it was trained with class_dropout_prob=0, --class-dropout-prob 0)")
         both_y = torch.cat([y, torch.full_like(y, null_label)])
 
         def guided(x: Tensor, t: Tensor) -> Tensor:
@@ -347,6 +353,8 @@ class Transport:
         if method not in (*ODE_FIXED, "adams", *TORCHDIFFEQ_FIXED):
             if schedule != "uniform":
                 raise ValueError(f"schedule={schedule!r} needs a fixed-step method; {method!r} chooses its own steps")
+            if not (atol >= 0 and rtol >= 0 and atol + rtol > 0):
+                raise ValueError(f"atol and rtol must be >= 0, not both 0, got atol={atol}, rtol={rtol}")
             return _odeint(field, noise, torch.tensor([t0, t1], dtype=torch.float64, device=noise.device),
                            method, atol, rtol, return_trajectory)
         grid = time_grid(t0, t1, num_steps + 1, schedule, schedule_param, noise.device)
@@ -603,8 +611,12 @@ def _odeint(field, x0, times: Tensor, method: str, atol: float, rtol: float, tra
                           "pip install torchdiffeq (or use method='euler' or 'heun')") from None
     first = x0[0] if isinstance(x0, tuple) else x0
     lo, hi = times.aminmax()
-    out = odeint(lambda t, x: field(x, t.clamp(lo, hi).float().expand(first.shape[0])), x0, times, method=method,
-                 atol=atol, rtol=rtol)
+    try:
+        out = odeint(lambda t, x: field(x, t.clamp(lo, hi).float().expand(first.shape[0])), x0, times,
+                     method=method, atol=atol, rtol=rtol)
+    except AssertionError as e:  # torchdiffeq's "underflow in dt": the tolerances cannot be met
+        raise ValueError(f"the adaptive solver {method!r} could not meet atol={atol}, rtol={rtol} ({e}): loosen "
+                         "them, or use a fixed-step method") from None
     if isinstance(out, tuple):
         return tuple(o[-1] for o in out)
     return out if trajectory else out[-1]

@@ -159,6 +159,20 @@ def test_sample_official_checkpoint(tmp_path):
     assert run_cli("sample", "--official", path, "--model", "SiT-S/8", "--num-samples", 2, "--steps", 2,
                    "--cfg-scale", 1.5, "--out", out, "--device", "cpu", "--quiet") == 0
     assert np.load(out / "samples.npz")["samples"].shape == (2, 4, 32, 32)
+    # --weights picks the entry of an official training checkpoint (it was ignored: always the EMA).
+    both = tmp_path / "both.pt"
+    ema = torch.load(path, weights_only=True)
+    model = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ema.items()}
+    torch.save({"model": model, "ema": ema}, both)
+    drawn = {}
+    for weights in ("ema", "model"):
+        assert run_cli("sample", "--official", both, "--model", "SiT-S/8", "--num-samples", 2, "--steps", 2,
+                       "--weights", weights, "--out", tmp_path / weights, "--device", "cpu", "--quiet") == 0
+        drawn[weights] = np.load(tmp_path / weights / "samples.npz")["samples"]
+    assert np.array_equal(drawn["ema"], np.load(out / "samples.npz")["samples"])
+    assert not np.array_equal(drawn["ema"], drawn["model"])
+    assert run_cli("sample", "--official", path, "--model", "SiT-S/8", "--weights", "model", "--out", out,
+                   "--device", "cpu", "--quiet") == 2  # a plain state dict has one set of weights
 
 
 def expect_clean_failure(capsys, *args, fragment):

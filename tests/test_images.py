@@ -341,7 +341,7 @@ def test_export_is_a_bit_exact_safetensors_round_trip(exported):
     assert set(tensors) == set(ckpt["ema"])
     assert all(tensors[k].dtype == v.dtype and torch.equal(tensors[k], v) for k, v in ckpt["ema"].items())
     assert json.loads(meta["config"]) == ckpt["config"] and json.loads(meta["data"]) == ckpt["data"]
-    assert meta["weights"] == "ema" and meta["step"] == "2"
+    assert meta["weights"] == "ema" and meta["step"] == "2" and meta["ema_warmup"] == "1"
     model = SiT.from_pretrained(path, model="SiT-S/2", input_size=8, in_channels=4, hidden_size=32, depth=1,
                                 num_heads=2, num_classes=2, learn_sigma=False)
     assert not model.training
@@ -396,6 +396,27 @@ def test_sample_with_vae_resumes_and_keeps_written_images(exported, vae_dir, tmp
     assert run_cli(*common, "--num-samples", 6) == 2
     err = capsys.readouterr().err
     assert "settings.json is damaged" in err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_sample_with_vae_refuses_a_checkpoint_trained_on(exported, vae_dir, tmp_path, capsys):
+    """settings.json records the checkpoint's contents: a run trained on under
+    the same path would have mixed two models' images; a folder with no image
+    yet takes new settings (a run that failed before its first image locked it)."""
+    ckpt, path = exported
+    other = tmp_path / "nested" / "folders" / "model.safetensors"  # export makes the folders
+    assert run_cli("export", "--ckpt", ckpt, "--weights", "model", "--out", other) == 0
+    copy = tmp_path / "sit.safetensors"
+    copy.write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    common = ["sample", "--ckpt", copy, "--vae", vae_dir, "--out", out, *SAMPLE]
+    assert run_cli(*common, "--num-samples", 2) == 0
+    copy.write_bytes(other.read_bytes())  # the same path, other weights
+    capsys.readouterr()
+    assert run_cli(*common, "--num-samples", 3, "--weights", "model") == 2
+    assert "other settings (the checkpoint's contents, weights)" in capsys.readouterr().err
+    for png in (out / "images").glob("*.png"):
+        png.unlink()
+    assert run_cli(*common, "--num-samples", 3, "--weights", "model") == 0
 
 
 @pytest.mark.slow

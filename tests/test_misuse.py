@@ -62,6 +62,9 @@ def files(tmp_path_factory):
         change(damaged)
         torch.save(damaged, root / f"{name}.pt")
     (root / "a_file").write_text("not a folder")
+    paths["other_run"] = root / "other_run"
+    paths["other_run"].mkdir()
+    (paths["other_run"] / "latest.pt").write_bytes(paths["ckpt"].read_bytes())
     (root / "folder.pt").mkdir()
 
     def folder(name, arrays, labels=None, label_suffix=".npy"):
@@ -221,6 +224,22 @@ API = [
     ("sample_ode cfg_scale str",
      lambda: Transport().sample_ode(field, X, cfg_scale="2", model_kwargs={"y": torch.zeros(4, dtype=torch.long)},
                                     null_label=0), ValueError, "cfg_scale"),
+    # Each of these once gave NaN samples or a traceback from deep inside.
+    ("sample_ode cfg_scale nan",
+     lambda: Transport().sample_ode(field, X, cfg_scale=float("nan"), null_label=0,
+                                    model_kwargs={"y": torch.zeros(4, dtype=torch.long)}),
+     ValueError, "cfg_scale must be finite"),
+    ("cfg without a null class",
+     lambda: Transport().sample_ode(vector_model(num_classes=3, class_dropout_prob=0.0).eval(), X, num_steps=2,
+                                    cfg_scale=2.0, model_kwargs={"y": torch.zeros(4, dtype=torch.long)}),
+     ValueError, "null class"),
+    ("dopri5 atol 0 rtol 0", lambda: Transport().sample_ode(field, X, method="dopri5", atol=0, rtol=0), ValueError,
+     "atol and rtol"),
+    ("from_pretrained weights model of a plain state dict",
+     lambda: SiT.from_pretrained(vector_model().state_dict(), weights="model"), ValueError, "one set of weights"),
+    ("TrainConfig grad_clip -1", lambda: training.TrainConfig(grad_clip=-1.0).check(), ValueError, "grad_clip"),
+    ("TrainConfig ema_decay nan", lambda: training.TrainConfig(ema_decay=float("nan")).check(), ValueError,
+     "ema_decay"),
     ("sample_ode cfg without labels", lambda: Transport().sample_ode(field, X, cfg_scale=2.0), ValueError, "labels"),
     ("sample_ode cfg_interval reversed",
      lambda: Transport().sample_ode(field, X, cfg_interval=(0.8, 0.2)), ValueError, "cfg_interval"),
@@ -350,8 +369,8 @@ def cli_rows():
         ("sde solver rk4", [*sample, "--method", "sde", "--solver", "rk4"], "--solver rk4"),  # ran Euler instead
         ("ode solver foo", [*sample, "--solver", "foo"], "foo"),
         ("sample device foo", [*sample, "--device", "foo"], "--device"),
-        ("diffusion form", [*sample, "--method", "sde", "--diffusion-form", "cubic"], "diffusion_form"),
-        ("last step", [*sample, "--method", "sde", "--last-step", "Exact"], "last_step"),
+        ("diffusion form", [*sample, "--method", "sde", "--diffusion-form", "cubic"], "--diffusion-form"),
+        ("last step", [*sample, "--method", "sde", "--last-step", "Exact"], "--last-step"),
         ("last step size", [*sample, "--method", "sde", "--last-step-size", "2"], "last_step_size"),
         ("diffusion norm", [*sample, "--method", "sde", "--diffusion-norm", "-1"], "diffusion_norm"),
         ("cfg interval", [*sample, "--cfg-interval", "0.8", "0.2"], "cfg_interval"),
@@ -359,6 +378,30 @@ def cli_rows():
         ("unknown solver", [*sample, "--solver", "rk5"], "rk5"),
         ("sample out is a file", ["sample", "--ckpt", "{ckpt}", "--device", "cpu", "--num-samples", "2", "--steps",
                                   "2", "--quiet", "--out", "{root}/a_file"], "a_file"),
+        # Each of these once trained or sampled a wrong result without a word, or ended in a traceback.
+        ("grad clip -1", ["train", "--data", "moons", "--grad-clip", "-1", *out], "--grad-clip"),
+        ("grad clip 0", ["train", "--data", "moons", "--grad-clip", "0", *out], "--grad-clip"),
+        ("ema decay 1.5", ["train", "--data", "moons", "--ema-decay", "1.5", *out], "--ema-decay"),
+        ("ema decay -3", ["train", "--data", "moons", "--ema-decay", "-3", *out], "--ema-decay"),
+        ("lr inf", ["train", "--data", "moons", "--lr", "inf", *out], "--lr"),
+        ("lr 0", ["train", "--data", "moons", "--lr", "0", *out], "--lr"),
+        ("train seed -1", ["train", "--data", "moons", "--seed", "-1", *out], "--seed"),
+        ("resume into another run", ["train", "--resume", "{ckpt}", "--steps", "9", "--out", "{other_run}"],
+         "holds another run"),
+        ("resume an export", ["train", "--resume", "{root}/x.safetensors", *out], "is an export"),
+        ("steps not a number", [*sample, "--steps", "abc"], "invalid int value"),
+        ("schedule param without schedule", [*sample, "--schedule-param", "3"], "--schedule-param"),
+        ("cfg without classes", [*sample, "--cfg-scale", "2"], "--cfg-scale"),
+        ("dopri5 tolerances 0", [*sample, "--solver", "dopri5", "--atol", "0", "--rtol", "0"], "atol and rtol"),
+        ("sample seed -1", [*sample, "--seed", "-1"], "--seed"),
+        ("official image size 33", ["sample", "--official", "{ckpt}", "--image-size", "33"], "--image-size"),
+        ("bench digits -5", ["bench", "--digits", "-5", "--out", "{root}/bench"], "--digits"),
+        ("bench digits 0", ["bench", "--digits", "0", "--out", "{root}/bench"], "--digits"),
+        ("bench nfe 1", ["bench", "--samplers", "--quick", "--nfe", "1", "--out", "{root}/bench"], "--nfe"),
+        ("bench samples 1", ["bench", "--samplers", "--quick", "--samples", "1", "--out", "{root}/bench"],
+         "--samples"),
+        ("bench ops foo", ["bench", "--ops", "foo", "--quick", "--out", "{root}/bench"], "--ops"),
+        ("demo steps 0", ["demo", "--steps", "0", "--out", "{root}/demo"], "--steps"),
         ("info device", ["info", "--device", "cuda:7"], "--device"),
         ("bench device", ["bench", "--device", "foo", "--out", "{root}/bench"], "--device"),
         ("demo data", ["demo", "--data", "spiral", "--out", "{root}/demo"], "spiral"),

@@ -24,11 +24,11 @@ from .training import CheckpointError, TrainConfig, load_checkpoint, load_weight
 
 
 def cmd_info(args) -> int:
+    device = resolve_device(args.device)  # a bad --device fails before anything is printed
     print(format_build_info(build_info()))
     from .benchmark import _cpu_name
 
     print(f"cpu:              {_cpu_name()} ({torch.get_num_threads()} threads)")
-    device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device:           {device} ({name})")
     return 0
@@ -404,6 +404,8 @@ def cmd_sample(args) -> int:
     if args.method == "sde" and args.solver not in ("euler", "heun"):  # it once ran Euler-Maruyama instead
         raise ValueError(f"--solver {args.solver} is not an SDE solver: --method sde takes euler or heun")
     _check_seed(args.seed)
+    if args.cfg_scale == 1.0 and tuple(args.cfg_interval) != (0.0, 1.0):
+        raise ValueError("--cfg-interval limits guidance, and there is none: pass --cfg-scale too")
     if args.schedule_param is not None and args.schedule == "uniform":
         raise ValueError("--schedule-param sets the shift or power of --schedule shift or power; the uniform "
                          "schedule has none")
@@ -607,10 +609,13 @@ def cmd_demo(args) -> int:
     out = args.out or tempfile.mkdtemp(prefix="sit-ext-demo-")
     cfg = TrainConfig.for_data(args.data, steps=steps, seed=args.seed, out=out, ckpt_every=steps, log_every=50,
                                device=str(device), fused=True)
+    # Running the demo again into its own folder replaces it; a folder holding a training run is refused.
+    demo_before = os.path.exists(os.path.join(out, "demo.json"))
+    if not demo_before and os.path.exists(os.path.join(out, "latest.pt")):
+        raise ValueError(f"--out {out} holds a training run, not a demo's: choose another --out")
     print(f"sit-ext demo: training a {cfg.depth}-block SiT (D={cfg.hidden_size}) on {cfg.data} for {steps} steps "
           f"on {device}; output in {out}")
-    # Running the demo again into its own folder replaces it; a folder holding a training run is refused.
-    summary = train(cfg, progress=not args.quiet, overwrite=os.path.exists(os.path.join(out, "demo.json")))
+    summary = train(cfg, progress=not args.quiet, overwrite=demo_before)
     ema, transport = summary["ema"].eval(), summary["transport"]
     print(f"trained in {summary['seconds']:.0f} s ({summary['it_s']:.1f} it/s), final loss {summary['loss']:.4f}")
 

@@ -614,6 +614,11 @@ def _odeint(field, x0, times: Tensor, method: str, atol: float, rtol: float, tra
     try:
         out = odeint(lambda t, x: field(x, t.clamp(lo, hi).float().expand(first.shape[0])), x0, times,
                      method=method, atol=atol, rtol=rtol)
+    except ValueError as e:
+        if not str(e).startswith("Invalid method"):
+            raise
+        raise ValueError(f"unknown ODE method {method!r}: expected euler, heun, adams, or one of torchdiffeq's "
+                         f"({str(e).split('one of ')[-1].rstrip('.')})") from None
     except AssertionError as e:  # torchdiffeq's "underflow in dt": the tolerances cannot be met
         raise ValueError(f"the adaptive solver {method!r} could not meet atol={atol}, rtol={rtol} ({e}): loosen "
                          "them, or use a fixed-step method") from None

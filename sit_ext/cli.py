@@ -107,12 +107,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from .training import TrainingInterrupted, load_checkpoint, resume_config, train
+    from .training import _POSITIVE_FIELDS, TrainingInterrupted, load_checkpoint, resume_config, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for name in ("steps", "batch_size", "ckpt_every", "log_every", "data_size", "hidden_size", "depth", "heads",
-                 "patch_size"):
+    for name in _POSITIVE_FIELDS:
         if name in given and given[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
     if args.resume and args.overwrite:

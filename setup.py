@@ -112,7 +112,8 @@ def extension():
     link = ["-fopenmp"]
     if cpu_level == "AVX2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = (["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+               + sorted(glob.glob("csrc/autograd/*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
 
     use_cuda = bool(_cuda_home) and torch.version.cuda is not None

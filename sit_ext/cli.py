@@ -559,6 +559,10 @@ def cmd_bench(args) -> int:
     if args.digits is not None:
         sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed)
         return 0
+    if args.dispatch:
+        os.makedirs(args.out, exist_ok=True)
+        benchmark.run_dispatch(os.path.join(args.out, f"{time.strftime('%Y-%m-%d')}-cpu-dispatch.json"))
+        return 0
     if args.samplers:
         sampler_bench.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
                           seed=args.seed)
@@ -750,6 +754,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results")
     bench.add_argument("--samplers", action="store_true",
                        help="instead: sampler accuracy per model evaluation against exact answers (JSON, PNG)")
+    bench.add_argument("--dispatch", action="store_true",
+                       help="instead: per-call cost on one CPU thread at a tiny size, every fused op's forward + "
+                            "backward and a small vector SiT train step against unfused (JSON)")
     sampler_bench.add_arguments(bench)
     bench.set_defaults(fn=cmd_bench)
     demo = sub.add_parser("demo", help="train, sample, picture, quality and speed in a couple of minutes")

@@ -1,5 +1,7 @@
 """Thin Python wrappers of the sit_ext custom ops, with their fake (meta)
-kernels and autograd formulas. Every backward is itself a custom op.
+kernels. Autograd lives in C++ (csrc/autograd/): a call goes from Python to
+the dispatcher to the kernel with no Python frame in between, and every
+backward is itself a custom op (which refuses a double backward).
 
 Time convention: t = 0 is data, t = 1 is noise; x_t = alpha(t) x + beta(t) noise
 and u_t = alpha'(t) x + beta'(t) noise.
@@ -12,9 +14,30 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the kernels and registers the schemas)
+from . import _C  # loads the kernels and registers the schemas
 
 _ops = torch.ops.sit_ext
+_is_compiling = torch.compiler.is_compiling
+_function_mode = torch._C._is_torch_function_mode_enabled
+
+
+def _direct(*tensors: Tensor) -> bool:
+    """Whether a call may skip torch.ops for _C.call (the same dispatcher
+    call, without the cost of matching Python arguments to the schema): only
+    eagerly, on plain tensors, with no __torch_function__ mode or override
+    that torch.ops would honour."""
+    return not _is_compiling() and not _function_mode() and all(type(t) is Tensor for t in tensors)
+
+
+class _Handles:
+    """Dispatcher handles of the forward ops, for _C.call."""
+
+    def __init__(self, *names: str):
+        for name in names:
+            setattr(self, name, _C.handle(f"sit_ext::{name}"))
+
+
+_h = _Handles("interpolant", "velocity_mse", "mse", "ln_modulate", "gated_residual_ln_modulate", "gated_residual")
 
 # Built-in schedules, computed inside the kernels from t.
 SCHEDULES = {"linear": 0, "cosine": 1, "vp": 2}
@@ -113,10 +136,6 @@ def _check_devices(op: str, **tensors: Tensor | None) -> None:
                                f"got {device}")
 
 
-def _grads(mask: Sequence[bool], grads: Sequence[Tensor]) -> list[Tensor | None]:
-    return [g if need else None for need, g in zip(mask, grads)]
-
-
 # ---------------------------------------------------------------- interpolant
 
 
@@ -133,6 +152,8 @@ def interpolant(x: Tensor, noise: Tensor, t: Tensor | None = None, schedule: str
     _tensors("interpolant", x=x, noise=noise)
     outputs = _outputs(outputs)
     tt, sid = _time_input(x, t, schedule, coefficients, (outputs[0], outputs[0], outputs[1], outputs[1]))
+    if _direct(x, noise, tt):
+        return _C.call(_h.interpolant, x, noise, tt, sid, outputs)
     return _ops.interpolant.default(x, noise, tt, sid, outputs)
 
 
@@ -140,28 +161,6 @@ def interpolant(x: Tensor, noise: Tensor, t: Tensor | None = None, schedule: str
 def _(x, noise, t, schedule, output_mask):
     _check_devices("interpolant", x=x, noise=noise, t=t)
     return tuple(x.new_empty(x.shape if need else (0,)) for need in output_mask)
-
-
-def _interpolant_setup(ctx, inputs, output):
-    x, noise, t, schedule, outputs = inputs
-    ctx.save_for_backward(x, noise, t)
-    ctx.schedule, ctx.outputs = schedule, outputs
-    ctx.set_materialize_grads(False)
-
-
-def _interpolant_backward(ctx, grad_xt, grad_ut):
-    x, noise, t = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    # An output that was not computed (an empty tensor) passes no gradient.
-    grad_xt, grad_ut = (g if computed else None for g, computed in zip((grad_xt, grad_ut), ctx.outputs))
-    if grad_xt is None and grad_ut is None:
-        return None, None, None, None, None
-    grads = _ops.interpolant_backward.default(grad_xt, grad_ut, x, noise, t, ctx.schedule, mask)
-    return *_grads(mask, grads), None, None
-
-
-torch.library.register_autograd("sit_ext::interpolant", _interpolant_backward,
-                                setup_context=_interpolant_setup)
 
 
 @torch.library.register_fake("sit_ext::interpolant_backward")
@@ -190,7 +189,10 @@ def velocity_mse(pred: Tensor, x: Tensor, noise: Tensor, t: Tensor | None = None
     """
     _tensors("velocity_mse", pred=pred, x=x, noise=noise)
     tt, sid = _time_input(x, t, schedule, coefficients, (False, False, True, True))
-    per_sample = _ops.velocity_mse.default(pred, x, noise, tt, sid)
+    if _direct(pred, x, noise, tt):
+        per_sample = _C.call(_h.velocity_mse, pred, x, noise, tt, sid)
+    else:
+        per_sample = _ops.velocity_mse.default(pred, x, noise, tt, sid)
     _check_weight(weight, per_sample)
     if weight is not None:
         per_sample = per_sample * weight
@@ -205,23 +207,6 @@ def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 def _(pred, x, noise, t, schedule):
     _check_devices("velocity_mse", x=x, pred=pred, noise=noise, t=t)
     return x.new_empty(x.shape[:1], dtype=_acc_dtype(x.dtype, pred.dtype))
-
-
-def _velocity_mse_setup(ctx, inputs, output):
-    pred, x, noise, t, schedule = inputs
-    ctx.save_for_backward(pred, x, noise, t)
-    ctx.schedule = schedule
-
-
-def _velocity_mse_backward(ctx, grad):
-    pred, x, noise, t = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:4])
-    grads = _ops.velocity_mse_backward.default(grad, pred, x, noise, t, ctx.schedule, mask)
-    return *_grads(mask, grads), None
-
-
-torch.library.register_autograd("sit_ext::velocity_mse", _velocity_mse_backward,
-                                setup_context=_velocity_mse_setup)
 
 
 @torch.library.register_fake("sit_ext::velocity_mse_backward")
@@ -239,6 +224,8 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
     pred and target may differ in dtype (each is read as it is). Returns a 0-d
     float32 tensor (float64 when either is float64)."""
     _tensors("mse", pred=pred, target=target)
+    if _direct(pred, target):
+        return _C.call(_h.mse, pred, target)
     return _ops.mse.default(pred, target)
 
 
@@ -246,19 +233,6 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
 def _(pred, target):
     _check_devices("mse", pred=pred, target=target)
     return pred.new_empty((), dtype=_acc_dtype(pred.dtype, target.dtype))
-
-
-def _mse_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _mse_backward(ctx, grad):
-    pred, target = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:2])
-    return tuple(_grads(mask, _ops.mse_backward.default(grad, pred, target, mask)))
-
-
-torch.library.register_autograd("sit_ext::mse", _mse_backward, setup_context=_mse_setup)
 
 
 @torch.library.register_fake("sit_ext::mse_backward")
@@ -284,7 +258,10 @@ def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
                 out_dtype: torch.dtype | None = None) -> Tensor:
     """y = LayerNorm(x) (1 + scale) + shift, LayerNorm without affine."""
     _tensors("ln_modulate", x=x, shift=shift, scale=scale)
-    return _ops.ln_modulate.default(x, shift, scale, _eps(eps), _out_dtype(out_dtype))[0]
+    args = (x, shift, scale, _eps(eps), _out_dtype(out_dtype))
+    if _direct(x, shift, scale):
+        return _C.call(_h.ln_modulate, *args)[0]
+    return _ops.ln_modulate.default(*args)[0]
 
 
 def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
@@ -292,14 +269,19 @@ def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor
     """(x_out, y) with x_out = x + gate h and y = LayerNorm(x_out) (1 + scale) + shift:
     the end of one sub-block and the start of the next, in one pass."""
     _tensors("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale)
-    x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(x, h, gate, shift, scale, _eps(eps),
-                                                             _out_dtype(out_dtype))
+    args = (x, h, gate, shift, scale, _eps(eps), _out_dtype(out_dtype))
+    if _direct(x, h, gate, shift, scale):
+        x_out, y, _, _ = _C.call(_h.gated_residual_ln_modulate, *args)
+    else:
+        x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(*args)
     return x_out, y
 
 
 def gated_residual(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
     """x + gate h."""
     _tensors("gated_residual", x=x, h=h, gate=gate)
+    if _direct(x, h, gate):
+        return _C.call(_h.gated_residual, x, h, gate)
     return _ops.gated_residual.default(x, h, gate)
 
 
@@ -318,24 +300,6 @@ def _(x, shift, scale, eps, out_dtype=None):
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), _stats_like(x), _stats_like(x)
 
 
-def _ln_modulate_setup(ctx, inputs, output):
-    x, shift, scale, _, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, scale, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _ln_modulate_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, scale, mean, rstd = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    grads = _ops.ln_modulate_backward.default(grad_y, x, scale, mean, rstd, mask)
-    return *_grads(mask, grads), None, None
-
-
-torch.library.register_autograd("sit_ext::ln_modulate", _ln_modulate_backward,
-                                setup_context=_ln_modulate_setup)
-
-
 @torch.library.register_fake("sit_ext::ln_modulate_backward")
 def _(grad_y, x, scale, mean, rstd, output_mask):
     _check_devices("ln_modulate_backward", x=x, grad_y=grad_y, scale=scale, mean=mean, rstd=rstd)
@@ -347,34 +311,6 @@ def _(grad_y, x, scale, mean, rstd, output_mask):
 def _(x, h, gate, shift, scale, eps, out_dtype=None):
     _check_devices("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale)
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype or x.dtype), _stats_like(x), _stats_like(x)
-
-
-def _grlm_setup(ctx, inputs, output):
-    _, h, gate, _, scale, _, _ = inputs
-    x_out, _, mean, rstd = output
-    ctx.save_for_backward(x_out, h, gate, scale, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)
-
-
-def _grlm_backward(ctx, grad_x_out, grad_y, _grad_mean, _grad_rstd):
-    x_out, h, gate, scale, mean, rstd = ctx.saved_tensors
-    need_x, need_h, need_gate, need_shift, need_scale = ctx.needs_input_grad[:5]
-    if grad_y is None:
-        # Only the residual stream was used: the LayerNorm branch passes nothing.
-        if grad_x_out is None:
-            return (None,) * 7
-        dh, dgate = _ops.gated_residual_backward.default(grad_x_out, h, gate, [need_h, need_gate])
-        return (grad_x_out if need_x else None, dh if need_h else None, dgate if need_gate else None,
-                None, None, None, None)
-    mask = [need_x, need_h, need_gate, need_shift, need_scale]
-    grads = _ops.gated_residual_ln_modulate_backward.default(
-        grad_x_out, grad_y, x_out, h, gate, scale, mean, rstd, mask)
-    return *_grads(mask, grads), None, None
-
-
-torch.library.register_autograd("sit_ext::gated_residual_ln_modulate", _grlm_backward,
-                                setup_context=_grlm_setup)
 
 
 @torch.library.register_fake("sit_ext::gated_residual_ln_modulate_backward")
@@ -392,46 +328,7 @@ def _(x, h, gate):
     return x.new_empty(x.shape)
 
 
-def _gated_residual_setup(ctx, inputs, output):
-    _, h, gate = inputs
-    ctx.save_for_backward(h, gate)
-
-
-def _gated_residual_backward(ctx, grad):
-    h, gate = ctx.saved_tensors
-    need_x, need_h, need_gate = ctx.needs_input_grad[:3]
-    dh, dgate = _ops.gated_residual_backward.default(grad, h, gate, [need_h, need_gate])
-    return grad if need_x else None, dh if need_h else None, dgate if need_gate else None
-
-
-torch.library.register_autograd("sit_ext::gated_residual", _gated_residual_backward,
-                                setup_context=_gated_residual_setup)
-
-
 @torch.library.register_fake("sit_ext::gated_residual_backward")
 def _(grad, h, gate, output_mask):
     _check_devices("gated_residual_backward", grad=grad, h=h, gate=gate)
     return h.new_empty(grad.shape if output_mask[0] else (0,)), _per_sample_like(grad, gate, output_mask[1])
-
-
-# ------------------------------------------------------ second-order gradients
-#
-# The backward ops have no derivative of their own: a double backward through
-# one (create_graph=True, then differentiating the gradient: gradient
-# penalties, Hessian-vector products) raises instead of silently dropping
-# their part of the second derivative.
-
-
-def _refuse_double_backward(name: str) -> None:
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"sit_ext.{name.removesuffix('_backward')}: second-order gradients through the fused op are not "
-            "supported (a double backward reached sit_ext::" + name + "); build the model with fused=False, "
-            "or use the functions of sit_ext.reference, for gradient penalties and Hessian-vector products")
-
-    torch.library.register_autograd(f"sit_ext::{name}", backward, setup_context=lambda ctx, inputs, output: None)
-
-
-for _name in ("interpolant_backward", "velocity_mse_backward", "mse_backward", "ln_modulate_backward",
-              "gated_residual_ln_modulate_backward", "gated_residual_backward"):
-    _refuse_double_backward(_name)

@@ -91,6 +91,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     flag(g, "--ema-decay", "warmed up as min(decay, (1 + step) / (10 + step))", type=float)
     flag(g, "--precision", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"])
     flag(g, "--compile", "torch.compile the model", action="store_true")
+    flag(g, "--cuda-graph", "capture the whole step (forward, loss, backward, AdamW) in one CUDA graph, "
+         "replayed each step; CUDA only, one process, a fixed batch size", action="store_true")
     flag(g, "--fused", "fused kernels or plain PyTorch", action=argparse.BooleanOptionalAction)
     flag(g, "--seed", type=int)
     flag(g, "--device", "auto, cpu, cuda, cuda:1, ...")
@@ -100,8 +102,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     flag(g, "--log-every", type=int)
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue the run in --out (or from the checkpoint given): its settings apply, a "
-                        "conflicting flag is an error; --steps, --ckpt-every, --log-every, --device, --compile "
-                        "and --fused may change")
+                        "conflicting flag is an error; --steps, --ckpt-every, --log-every, --device, --compile, "
+                        "--cuda-graph and --fused may change")
     g.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 

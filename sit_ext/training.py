@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import data as data_lib
 from ._io import FileFormatError, first_line, torch_load
+from .cuda_graphs import CapturedTrainStep, check_device
 from .models import SiT, SiT_models
 from .transport import Transport
 
@@ -68,6 +69,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False
+    cuda_graph: bool = False  # one CUDA graph per step: forward, loss, backward, clipping, AdamW
     fused: bool = True
     seed: int = 0
     out: str = "runs/sit"
@@ -112,7 +114,7 @@ DATA_DEFAULTS = {**{name: _TOY_DEFAULTS for name in data_lib.TOYS},
                             "steps": 1500}}
 # What a resumed run may change: how long it runs, where and how fast. Every
 # other field defines the run and comes from its checkpoint.
-RUNTIME_FIELDS = ("steps", "out", "ckpt_every", "log_every", "device", "compile", "fused")
+RUNTIME_FIELDS = ("steps", "out", "ckpt_every", "log_every", "device", "compile", "cuda_graph", "fused")
 
 
 def resume_config(saved: TrainConfig, given: dict, source: str) -> TrainConfig:
@@ -156,6 +158,17 @@ def build_model(cfg: TrainConfig, ds: data_lib.Dataset) -> SiT:
 
 def make_transport(cfg: TrainConfig) -> Transport:
     return Transport(cfg.path, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps, cfg.time_sampler)
+
+
+def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool, device: torch.device) -> None:
+    """A loaded optimizer state takes the saved capturable flag: set this run's,
+    with the step counts where a captured step keeps them (on the device)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+    if capturable:
+        for state in optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].to(device, torch.float32)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -439,6 +452,12 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
         raise ValueError(f"--out {cfg.out} already holds a run (latest.pt): pass --resume to continue it, "
                          "--overwrite to start it again, or another --out")
     cfg.check()
+    if cfg.cuda_graph:
+        if cfg.compile:
+            raise ValueError("--cuda-graph and --compile each capture the step: choose one")
+        if world > 1:
+            raise ValueError("--cuda-graph runs one process: under torchrun the gradient all-reduce is not captured")
+        check_device(device, "--cuda-graph")
     torch.manual_seed(cfg.seed + rank)  # per-rank noise and times; the data order is shared
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -447,7 +466,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     model = build_model(cfg, ds).to(device)
     model.fused = cfg.fused
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  capturable=cfg.cuda_graph)
     transport = make_transport(cfg)
     batches = ShardedBatches(len(ds.x), cfg.batch_size, rank, world, cfg.seed)
     step = 0
@@ -466,6 +486,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
             raise CheckpointError(f"{resume!r} is damaged: cannot restore its optimizer, data order and random "
                                   f"state ({first_line(e)})") from None
         step = int(ckpt["step"])
+        _set_capturable(optimizer, cfg.cuda_graph, device)
 
     runner: nn.Module = model
     if world > 1:
@@ -474,7 +495,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     if cfg.compile:
         runner = torch.compile(runner)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # a captured step casts the weights inside the graph: no cast cache kept across replays
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not cfg.cuda_graph)
 
     x_all = ds.x.to(device)
     labels = ds.labels.to(device) if ds.labels is not None else None
@@ -509,7 +531,22 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
                          "num_classes": ds.num_classes},
             })
 
+    def losses(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        with autocast:
+            terms = transport.training_losses(runner, x, model_kwargs={"y": y} if y is not None else None)
+        return terms["loss"].mean()
+
+    def eager_step(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        loss = losses(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        return loss
+
     model.train()
+    train_step: Callable[..., torch.Tensor] = eager_step
     last_loss, t_start, steps_done = float("nan"), time.perf_counter(), 0
     window_start, window_steps = time.perf_counter(), 0
     # One process: the first Ctrl-C ends the step under way and checkpoints. Under torchrun the ranks
@@ -517,15 +554,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     with _DeferredInterrupt() if world == 1 else contextlib.nullcontext() as interrupt:
         while step < cfg.steps and not (interrupt and interrupt.requested):
             idx = batches.next().to(device)
-            kwargs = {"y": labels[idx]} if labels is not None else None
-            with autocast:
-                terms = transport.training_losses(runner, x_all[idx], model_kwargs=kwargs)
-            loss = terms["loss"].mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            inputs = (x_all[idx],) if labels is None else (x_all[idx], labels[idx])
+            if cfg.cuda_graph and train_step is eager_step:  # captured on the first batch
+                train_step = CapturedTrainStep(losses, list(model.parameters()), optimizer, inputs,
+                                               cfg.grad_clip, what="--cuda-graph")
+            loss = train_step(*inputs)
             update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
             step, steps_done, window_steps = step + 1, steps_done + 1, window_steps + 1
             if step % cfg.log_every == 0 or step == cfg.steps:

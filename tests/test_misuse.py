@@ -300,6 +300,8 @@ def cli_rows():
         ("unknown model", ["train", "--data", "digits", "--model", "SiT-Q/2", *out], "SiT-Q/2"),
         ("image model on points", ["train", "--data", "moons", "--model", "SiT-S/2", *out], "vector"),
         ("device foo", ["train", "--device", "foo", *out], "--device"),
+        ("cuda graph on the CPU", ["train", "--cuda-graph", "--device", "cpu", *out], "--cuda-graph"),
+        ("cuda graph with compile", ["train", "--cuda-graph", "--compile", *out], "--cuda-graph"),
         ("unknown path", ["train", "--path", "sigmoid", *out], "path"),
         ("unknown prediction", ["train", "--prediction", "x0", *out], "prediction"),
         ("unknown loss weight", ["train", "--loss-weight", "snr", *out], "loss_weight"),

@@ -42,11 +42,15 @@ def main(argv=None):
     parser.add_argument("--batch", nargs="+", type=int, help="default 32 256 on CUDA (--models: 32)")
     parser.add_argument("--quick", action="store_true", help="SiT-XL size and one batch only")
     parser.add_argument("--models", action="store_true",
-                        help="benchmark SiT models (train step, sampling forward) instead of ops")
-    parser.add_argument("--model", nargs="+", help="presets for --models (default SiT-XL/2 on CUDA, SiT-S/2 on CPU)")
+                        help="benchmark SiT models (train step, guided sampling step) instead of ops")
+    parser.add_argument("--model", nargs="+",
+                        help="presets for --models (default on CUDA: SiT-XL/2 at batch 32 and 256, SiT-B/2 at "
+                             "256; SiT-S/2 on CPU)")
     parser.add_argument("--no-compile", action="store_true", help="without the torch.compile variants")
     parser.add_argument("--profile", action="store_true",
                         help="--models: top-15 kernels of the fused and unfused eager train steps (torch.profiler)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="--models: dense bf16 peak for MFU (default: the datasheet value of the GPU)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="start no case after this many seconds of benchmarking; write what ran, exit 0")
     parser.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-ops.json or -models.json)")
@@ -55,7 +59,8 @@ def main(argv=None):
     if args.models:
         out = args.out or default_out(args.device).replace("-ops.json", "-models.json")
         benchmark.run_models(args.device, args.model, args.batch, args.dtype[0] if args.dtype else None,
-                             not args.no_compile, out, budget=args.budget, profile=args.profile)
+                             not args.no_compile, out, budget=args.budget, profile=args.profile,
+                             peak=args.peak_tflops)
         return
     ops = list(benchmark.OP_FAMILIES) if "all" in args.op else args.op
     benchmark.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device),

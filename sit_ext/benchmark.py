@@ -1,6 +1,7 @@
 """Benchmarks: each fused op against its eager reference and against
 torch.compile(reference, dynamic=False), forward and forward + backward; and
-the SiT training step and sampling forward, fused against unfused.
+the SiT model matrix: {fused, unfused} x {eager, torch.compile, CUDA graph},
+the train step and the guided sampling step.
 
 Op timing on a GPU: each variant is captured in one CUDA graph that runs it
 once on each of several copies of the inputs (together at least 4x the L2
@@ -722,14 +723,48 @@ def run(ops_: list[str], device: str = "cpu", dtypes: list[str] | None = None,
 
 # ------------------------------------------------------------------ models
 
-MODEL_VARIANTS = ("fused", "unfused", "fused+compile", "unfused+compile")
-MODEL_MODES = ("train step", "sample forward")
+MODEL_VARIANTS = ("fused", "unfused", "fused+compile", "unfused+compile", "fused+graph", "unfused+graph")
+MODEL_MODES = ("train step", "guided sample step")
+CFG_SCALE = 4.0
+
+# Dense (no sparsity) bf16 tensor-core peaks from the datasheets, TFLOP/s; the
+# first name found in the device's name applies.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def sit_forward_flops(model, batch: int) -> float:
+    """Multiply-add FLOPs (2 each) of one SiT forward on `batch` images: every
+    Linear on the tokens (qkv, proj, fc1, fc2, the final layer), the patch
+    embedding, attention's scores and values (4 B T^2 D a block), and the
+    per-sample Linears (adaLN modulation, time and label embedding)."""
+    tokens = model.pos_embed.shape[1]
+    per_token = sum(m.in_features * m.out_features for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear)
+                    and (name.startswith("blocks.") and "adaLN" not in name or name == "final_layer.linear"))
+    per_sample = sum(m.in_features * m.out_features for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ("adaLN" in name or "t_embedder" in name))
+    embed = model.x_embedder.proj.weight.numel()  # [D, C, p, p]: one multiply-add per weight and token
+    attention = 2 * tokens * model.blocks[0].attn.qkv.in_features * len(model.blocks)
+    return 2.0 * batch * (tokens * (per_token + embed + attention) + per_sample)
+
+
+def model_step_flops(model, mode: str, batch: int) -> float:
+    """A train step is forward + backward (3 forwards); a guided sampling step
+    runs the model on both halves (2 B)."""
+    return 3 * sit_forward_flops(model, batch) if mode == "train step" else sit_forward_flops(model, 2 * batch)
 
 
 class _ModelRig:
     """One SiT preset with its AdamW (and torch.compile wrapper), shared by
-    every variant and batch: the variants differ only in model.fused and in the
-    runner they call, so the memory of one model serves all four."""
+    every variant and batch: the variants differ only in model.fused, the
+    runner they call and (+graph) one CUDA graph per step."""
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype, compile_: bool):
         from .models import SiT_models
@@ -739,53 +774,139 @@ class _ModelRig:
         self.model = SiT_models[name]().to(device)
         if dtype != torch.float32 and device.type == "cpu":
             self.model = self.model.to(dtype)  # CPU: plain low-precision weights
-        # fused AdamW (one kernel per step) where torch has it, for every variant alike
+        # fused AdamW (one kernel per step, capturable) where torch has it, for every variant alike
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0, fused=True)
         self.compiled = torch.compile(self.model, dynamic=False) if compile_ else None
 
-    def cases(self, batch: int) -> list[tuple[str, dict[str, Callable[[], object]]]]:
+    def cases(self, batch: int) -> list[tuple[str, dict[str, Callable[[], Callable[[], object]]]]]:
+        """[(mode, {variant: build() -> step()})]: a graph variant captures
+        when built, so that the harness can free one before the next."""
+        from .cuda_graphs import CapturedTrainStep, StaticGraph
+        from .transport import Transport
+
         device, dtype, model, optimizer = self.device, self.dtype, self.model, self.optimizer
-        x = torch.randn(batch, 4, 32, 32, device=device)
-        t = torch.rand(batch, device=device)
-        y = torch.randint(0, 1000, (batch,), device=device)
-        target = torch.randn_like(x)
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-        if dtype != torch.float32 and device.type == "cpu":
-            x, target = x.to(dtype), target.to(dtype)
-            autocast = torch.autocast("cpu", enabled=False)
+        x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
+        y = torch.randint(0, model.num_classes, (batch,), device=device)
+        noise = torch.randn_like(x)
+        t = torch.full((batch,), 0.5, device=device)
+        both_y = torch.cat([y, torch.full_like(y, model.num_classes)])
+        cuda = device.type == "cuda"
+        lowp = dtype != torch.float32
+        if lowp and not cuda:
+            x, noise = x.to(dtype), noise.to(dtype)
+
+        def autocast():  # no cast cache: the graph variants cast inside the graph
+            return torch.autocast(device.type, dtype=dtype, enabled=lowp and cuda, cache_enabled=False)
 
         train, sample = {}, {}
         for variant in MODEL_VARIANTS:
-            if "compile" in variant and self.compiled is None:
+            if "compile" in variant and self.compiled is None or "graph" in variant and not cuda:
                 continue
             runner = self.compiled if "compile" in variant else model
             fused = variant.startswith("fused")
+            transport = Transport("linear", fused=fused)
 
-            def step(runner=runner, fused=fused):
+            def losses(x, y, runner=runner, transport=transport, fused=fused):
                 model.fused = fused
                 model.train()
-                with autocast:
-                    loss = (runner(x, t, y).float() - target.float()).square().mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    return transport.training_losses(runner, x, model_kwargs={"y": y})["loss"].mean()
 
-            def forward(runner=runner, fused=fused):
+            def sample_step(z, runner=runner, fused=fused):
                 model.fused = fused
                 model.eval()
-                with torch.no_grad(), autocast:
-                    return runner(x, t, y)
+                with torch.no_grad(), autocast():
+                    out = runner(z.repeat(2, 1, 1, 1), t.repeat(2), both_y)
+                    cond, uncond = out[:, :model.in_channels].float().chunk(2)
+                    return z - 0.02 * (uncond + CFG_SCALE * (cond - uncond))
 
-            train[variant], sample[variant] = step, forward
-        return [("train step", train), ("sample forward", sample)]
+            if "graph" in variant:
+                def train_build(losses=losses):
+                    step = CapturedTrainStep(losses, list(model.parameters()), optimizer, (x, y),
+                                             what="graph variant")
+                    return lambda: step(x, y)
+
+                def sample_build(sample_step=sample_step):
+                    graph = StaticGraph(sample_step, (noise,), "graph variant")
+                    return lambda: graph(noise)
+            else:
+                def train_build(losses=losses):
+                    def step():
+                        loss = losses(x, y)
+                        optimizer.zero_grad(set_to_none=True)  # never into a graph variant's gradients
+                        loss.backward()
+                        optimizer.step()
+                    return step
+
+                def sample_build(sample_step=sample_step):
+                    return lambda: sample_step(noise)
+            train[variant], sample[variant] = train_build, sample_build
+        return [("train step", train), ("guided sample step", sample)]
 
 
 def model_cases(name: str, batch: int, device: torch.device, dtype: torch.dtype,
-                compile_: bool = True) -> list[tuple[str, dict[str, Callable[[], object]]]]:
-    """A training step (forward, backward, AdamW) and a sampling forward of a
-    SiT preset on 32x32x4 latents, fused and unfused, eager and compiled.
+                compile_: bool = True) -> list[tuple[str, dict[str, Callable[[], Callable[[], object]]]]]:
+    """A training step (interpolant, forward, velocity loss, backward, AdamW)
+    and a guided sampling step (both halves in one batch, then an Euler step)
+    of a SiT preset, {fused, unfused} x {eager, torch.compile, CUDA graph}.
     bfloat16 on CUDA runs under autocast with float32 weights."""
     return _ModelRig(name, device, dtype, compile_).cases(batch)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_model_variants(builders: dict[str, Callable[[], Callable[[], object]]], device: torch.device,
+                        **settings) -> dict[str, dict]:
+    """{variant: {"ms"} or {"error"}}. Eager and compiled variants take turns
+    (see time_medians); each graph variant is captured, timed and freed on its
+    own, so that two graphs' memory never has to fit at once. A variant that
+    fails (out of memory, say) is reported and the others go on."""
+    report: dict[str, dict] = {}
+    together: dict[str, Callable[[], object]] = {}
+    for name, build in builders.items():
+        if name.endswith("+graph"):
+            continue
+        try:
+            fn = build()
+            fn()
+            together[name] = fn
+        except Exception as e:  # reported in the row
+            report[name] = {"error": _message(e)}
+            _free(device)
+    if together:
+        report |= {name: {"ms": s * 1e3} for name, s in time_medians(together, device, **settings).items()}
+    for name, build in builders.items():
+        if not name.endswith("+graph"):
+            continue
+        try:
+            fn = build()
+            report[name] = {"ms": time_medians({name: fn}, device, **settings)[name] * 1e3}
+        except Exception as e:
+            report[name] = {"error": _message(e)}
+        fn = None
+        _free(device)
+    return {name: report[name] for name in builders if name in report}
+
+
+def summarize_model_row(row: dict, flops: float, peak: float | None) -> None:
+    """Adds the best fused and unfused variants, x best unfused (its time over
+    the best fused one's), the model TFLOP/s of the best fused variant and its
+    MFU against `peak` TFLOP/s."""
+    times = {v: row[v]["ms"] for v in MODEL_VARIANTS if "ms" in row.get(v, {})}
+    fused = {v: ms for v, ms in times.items() if v.startswith("fused")}
+    unfused = {v: ms for v, ms in times.items() if v.startswith("unfused")}
+    row["tflop"] = flops / 1e12
+    for v, ms in times.items():
+        row[v]["tflops"] = flops / (ms / 1e3) / 1e12
+        if peak:
+            row[v]["mfu"] = row[v]["tflops"] / peak
+    if fused and unfused:
+        row["best_fused"], row["best_unfused"] = min(fused, key=fused.get), min(unfused, key=unfused.get)
+        row["x_best_unfused"] = unfused[row["best_unfused"]] / fused[row["best_fused"]]
 
 
 def top_kernels(durations: Iterable[tuple[str, float]], steps: int, top: int = 15) -> dict:
@@ -838,71 +959,96 @@ def format_profile(title: str, profile: dict) -> list[str]:
 
 
 def format_model_header() -> str:
-    return (f"{'model':<10}{'mode':<16}{'batch':>6}{'dtype':>10}"
-            + "".join(f"{v:>17}" for v in MODEL_VARIANTS) + f"{'x eager':>9}{'x compiled':>11}")
+    return (f"{'model':<10}{'mode':<20}{'batch':>6}{'dtype':>10}"
+            + "".join(f"{v:>17}" for v in MODEL_VARIANTS)
+            + f"{'x best unfused':>16}{'TFLOP/s':>9}{'MFU':>7}")
 
 
 def format_model_row(row: dict) -> str:
-    ms = "".join(f"{row[v]['ms']:>14.1f} ms" if v in row else f"{'-':>17}" for v in MODEL_VARIANTS)
-    return (f"{row['model']:<10}{row['mode']:<16}{row['batch']:>6}{row['dtype']:>10}{ms}"
-            f"{row.get('x_eager', float('nan')):>9.2f}{row.get('x_compiled', float('nan')):>11.2f}")
+    def cell(v):
+        t = row.get(v)
+        if not t:
+            return f"{'-':>17}"
+        return f"{t['ms']:>14.1f} ms" if "ms" in t else f"{'error':>17}"
+
+    best = row.get(row.get("best_fused", ""), {})
+    ratio = f"{row['x_best_unfused']:>16.2f}" if "x_best_unfused" in row else f"{'-':>16}"
+    tflops = f"{best['tflops']:>9.3g}" if "tflops" in best else f"{'-':>9}"
+    mfu = f"{100 * best['mfu']:>6.1f}%" if "mfu" in best else f"{'-':>7}"
+    return (f"{row['model']:<10}{row['mode']:<20}{row['batch']:>6}{row['dtype']:>10}"
+            + "".join(cell(v) for v in MODEL_VARIANTS) + ratio + tflops + mfu)
 
 
 def run_models(device: str = "cpu", models: list[str] | None = None, batch: int | Sequence[int] | None = None,
                dtype: str | None = None, compile_: bool = True, out: str | None = None,
                log: Callable[[str], None] = _print, *, budget: float | None = None,
-               profile: bool = False) -> dict:
-    """Model benchmarks (see model_cases) at each batch in `batch`; x eager =
-    unfused / fused, x compiled = unfused+compile / fused+compile. `profile`
-    adds the top kernels of the fused and unfused eager train steps. JSON is
-    written after every row; `budget` as in run()."""
+               profile: bool = False, peak: float | None = None, shapes: Sequence[tuple[str, int]] | None = None
+               ) -> dict:
+    """The model matrix: {fused, unfused} x {eager, torch.compile, CUDA graph}
+    (graphs on CUDA only) for the train step and the guided sampling step, at
+    each (model, batch) of `shapes` (default: every model in `models` at every
+    batch in `batch`; on CUDA SiT-XL/2 at 32 and 256 and SiT-B/2 at 256). Each
+    row has ms per variant, x best unfused (the best unfused variant's time
+    over the best fused one's), the model TFLOP/s from an analytic FLOP count
+    and MFU against `peak` TFLOP/s (default: the device's datasheet dense
+    bf16 peak, see PEAK_TFLOPS). `profile` adds each variant's top kernels and
+    GPU-busy share (kernel time over step time). JSON is written after every
+    row; `budget` as in run()."""
     start = _now()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA requested but no CUDA device is available")
     _allow_recompiles()
-    models = models or (["SiT-XL/2"] if dev.type == "cuda" else ["SiT-S/2"])
-    batches = [batch] if isinstance(batch, int) else list(batch or [32 if dev.type == "cuda" else 2])
+    cuda = dev.type == "cuda"
+    if shapes is None and models is None and batch is None and cuda:
+        shapes = [("SiT-XL/2", 32), ("SiT-XL/2", 256), ("SiT-B/2", 256)]
+    if shapes is None:
+        batches = [batch] if isinstance(batch, int) else list(batch or [32 if cuda else 2])
+        shapes = [(m, b) for m in models or (["SiT-XL/2"] if cuda else ["SiT-S/2"]) for b in batches]
     dtype = "bfloat16" if dtype == AUTOCAST else dtype  # the model runs under autocast on CUDA anyway
-    dtype_ = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
-    total = len(models) * len(batches) * len(MODEL_MODES)
-    result = {"meta": machine_info(dev), "budget_s": budget, "planned": total, "skipped": 0, "results": []}
-    log(f"# {result['meta'].get('device_name', result['meta']['cpu'])}, torch {torch.__version__}")
+    dtype_ = getattr(torch, dtype or ("bfloat16" if cuda else "float32"))
+    peak = peak or peak_tflops(dev)
+    total = len(shapes) * len(MODEL_MODES)
+    result = {"meta": machine_info(dev), "budget_s": budget, "peak_tflops": peak, "planned": total,
+              "skipped": 0, "results": []}
+    log(f"# {result['meta'].get('device_name', result['meta']['cpu'])}, torch {torch.__version__}"
+        + (f", peak {peak:g} TFLOP/s (dense bf16)" if peak else ", no MFU (no peak known: --peak-tflops)")
+        + ("" if cuda else "; graph variants need CUDA"))
     log(format_model_header())
     done = 0
-    for name in models:
+    rig, rig_name = None, None
+    for name, b in shapes:
         if _budget_spent(start, budget):
             break
-        rig = _ModelRig(name, dev, dtype_, compile_)
-        for b in batches:
+        if rig_name != name:
+            rig = None
+            _free(dev)
+            rig, rig_name = _ModelRig(name, dev, dtype_, compile_), name
+        for mode, builders in rig.cases(b):
             if _budget_spent(start, budget):
                 break
-            for mode, fns in rig.cases(b):
-                if _budget_spent(start, budget):
-                    break
-                row = {"model": name, "mode": mode, "batch": b, "dtype": str(dtype_).removeprefix("torch.")}
-                for variant, seconds in time_medians(fns, dev, warmup=3, min_rounds=5, min_seconds=1.0).items():
-                    row[variant] = {"ms": seconds * 1e3}
-                row["x_eager"] = row["unfused"]["ms"] / row["fused"]["ms"]
-                if "fused+compile" in row:
-                    row["x_compiled"] = row["unfused+compile"]["ms"] / row["fused+compile"]["ms"]
-                log(format_model_row(row))
-                if profile and mode == "train step":
-                    row["profile"] = {}
-                    for variant in ("fused", "unfused"):
-                        try:
-                            row["profile"][variant] = profile_kernels(fns[variant], dev)
-                        except Exception as e:  # the timings stand without it
-                            row["profile"][variant] = {"error": _message(e)}
-                        for line in format_profile(f"{name} {mode} batch {b} {variant}", row["profile"][variant]):
-                            log(line)
-                result["results"].append(row)
-                done += 1
-                _write_json(out, result)
-        fns = rig = None  # free the model before the next one
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+            row = {"model": name, "mode": mode, "batch": b, "dtype": str(dtype_).removeprefix("torch.")}
+            row |= time_model_variants(builders, dev, warmup=3, min_rounds=5, min_seconds=1.0)
+            summarize_model_row(row, model_step_flops(rig.model, mode, b), peak)
+            log(format_model_row(row))
+            if profile and (cuda or mode == "train step"):
+                row["profile"] = {}
+                for variant in [v for v in builders if "ms" in row.get(v, {})] if cuda else ["fused", "unfused"]:
+                    try:
+                        row["profile"][variant] = profile_kernels(builders[variant](), dev)
+                        if cuda:
+                            busy = row["profile"][variant]["busy_ms_per_step"] / row[variant]["ms"]
+                            row[variant]["busy_share"] = busy
+                    except Exception as e:  # the timings stand without it
+                        row["profile"][variant] = {"error": _message(e)}
+                    _free(dev)
+                    for line in format_profile(f"{name} {mode} batch {b} {variant}", row["profile"][variant]):
+                        log(line)
+            result["results"].append(row)
+            done += 1
+            _write_json(out, result)
+    rig = None
+    _free(dev)
     if done < total:
         result["skipped"] = total - done
         log(f"# budget of {budget:g} s spent after {_now() - start:.0f} s: skipped {total - done} of {total} cases")

@@ -578,9 +578,10 @@ def cmd_bench(args) -> int:
     result = benchmark.run(args.ops or list(benchmark.OP_FAMILIES), str(device), quick=args.quick, out=ops_json,
                            budget=40 if args.quick else None, compile_=compile_)
     if args.models:
-        benchmark.run_models(str(device), models=["SiT-S/8"] if args.quick else None, compile_=compile_,
-                             budget=20 if args.quick else None,
-                             out=os.path.join(args.out, f"{stamp}-{device.type}-models.json"))
+        models = benchmark.run_models(str(device), models=["SiT-S/8"] if args.quick else None, compile_=compile_,
+                                      budget=20 if args.quick else None, peak=args.peak_tflops,
+                                      out=os.path.join(args.out, f"{stamp}-{device.type}-models.json"))
+        _model_chart(os.path.join(args.out, f"{stamp}-{device.type}-models.png"), models)
     rows = result["results"]
     labels = [f"{r['op']} {r['mode']} {r['size']} B{r['shape'][0]} {r['dtype']}" for r in rows]
     png = os.path.join(args.out, f"{stamp}-{device.type}-speedups.png")
@@ -592,6 +593,24 @@ def cmd_bench(args) -> int:
     except ImportError as e:
         print(f"sit-ext: no chart written: {e}", file=sys.stderr)
     return 0
+
+
+def _model_chart(png: str, result: dict) -> None:
+    """Each variant's speed against the best unfused variant of its row."""
+    from . import benchmark, plots
+
+    rows = [r for r in result["results"] if "best_unfused" in r]
+    variants = [v for v in benchmark.MODEL_VARIANTS if any("ms" in r.get(v, {}) for r in rows)]
+    if not rows:
+        return
+    series = {v: [r[r["best_unfused"]]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) else float("nan") for r in rows]
+              for v in variants}
+    try:
+        plots.speedup_bars(png, [f"{r['model']} {r['mode']} B{r['batch']}" for r in rows], series,
+                           title="SiT step: speed against the best unfused variant")
+        print(f"# wrote {png}")
+    except ImportError as e:
+        print(f"sit-ext: no chart written: {e}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------- demo
@@ -751,8 +770,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="one size and batch per op, a small model, no torch.compile: under a minute")
     bench.add_argument("--models", action=argparse.BooleanOptionalAction, default=True,
-                       help="also the SiT train step and sampling forward")
+                       help="also the SiT model matrix: train step and guided sampling step")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile model variants")
+    bench.add_argument("--peak-tflops", type=float,
+                       help="the device's dense bf16 peak for MFU (default: the datasheet value of an H100, H200 "
+                            "or A100)")
     bench.add_argument("--out", default="bench-results")
     bench.add_argument("--samplers", action="store_true",
                        help="instead: sampler accuracy per model evaluation against exact answers (JSON, PNG)")

@@ -301,9 +301,12 @@ def test_run_models_batches_profile_and_budget(tmp_path, monkeypatch, capsys):
                         "--profile", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [(r["mode"], r["batch"]) for r in saved["results"]] == [
-        ("train step", 1), ("sample forward", 1), ("train step", 2), ("sample forward", 2)]
+        ("train step", 1), ("guided sample step", 1), ("train step", 2), ("guided sample step", 2)]
     train = saved["results"][0]
     assert train["fused"]["ms"] > 0 and train["unfused"]["ms"] > 0 and "fused+compile" not in train
+    assert "fused+graph" not in train  # CUDA only
+    assert train["x_best_unfused"] == pytest.approx(train["unfused"]["ms"] / train["fused"]["ms"])
+    assert train["tflop"] == pytest.approx(3 * benchmark.sit_forward_flops(models.SiT_models["SiT-tiny"](), 1) / 1e12)
     for variant in ("fused", "unfused"):
         profile = train["profile"][variant]
         assert 0 < len(profile["top"]) <= 15 and profile["steps"] == 3
@@ -323,3 +326,37 @@ def test_compiled_namespace_compiles_each_function():
         fn = getattr(compiled, name)
         assert fn is not getattr(benchmark._AdaLNReference, name)
         assert getattr(fn, "_torchdynamo_orig_callable", None) is getattr(benchmark._AdaLNReference, name)
+
+
+def test_sit_forward_flops_by_hand():
+    """The analytic count of SiT-XL/2 on 256 tokens: 446 M token-Linear
+    weights (the figure of the H200 profile), the patch embedding, attention's
+    4 T^2 D a block and the per-sample Linears."""
+    from sit_ext import models
+
+    model = models.SiT_models["SiT-XL/2"]()
+    d, t, depth = 1152, 256, 28
+    token_linears = depth * 12 * d * d + d * 2 * 2 * 8  # blocks, then the final layer (p^2 * 2C outputs)
+    assert token_linears == pytest.approx(446e6, rel=1e-3)
+    per_sample = depth * 6 * d * d + 2 * d * d + 256 * d + d * d  # adaLN of blocks and final layer, t MLP
+    want = 2 * (t * (token_linears + 4 * 2 * 2 * d + 2 * t * d * depth) + per_sample)
+    assert benchmark.sit_forward_flops(model, 1) == pytest.approx(want, rel=1e-12)
+    assert benchmark.model_step_flops(model, "train step", 32) == pytest.approx(3 * 32 * want, rel=1e-12)
+    assert benchmark.model_step_flops(model, "guided sample step", 32) == pytest.approx(64 * want, rel=1e-12)
+
+
+def test_summarize_model_row_and_peaks(monkeypatch):
+    row = {"fused": {"ms": 10.0}, "unfused": {"ms": 13.0}, "fused+compile": {"ms": 8.0},
+           "unfused+compile": {"ms": 12.0}, "unfused+graph": {"error": "OutOfMemoryError: ..."}}
+    benchmark.summarize_model_row(row, flops=4e12, peak=1000.0)
+    assert (row["best_fused"], row["best_unfused"]) == ("fused+compile", "unfused+compile")
+    assert row["x_best_unfused"] == pytest.approx(12.0 / 8.0)
+    assert row["fused+compile"]["tflops"] == pytest.approx(500.0) and row["fused+compile"]["mfu"] == 0.5
+    assert "tflops" not in row["unfused+graph"]
+    line = benchmark.format_model_row({"model": "m", "mode": "train step", "batch": 1, "dtype": "bfloat16", **row})
+    assert "error" in line and "1.50" in line and "50.0%" in line
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert benchmark.peak_tflops(torch.device("cuda")) == 756.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert benchmark.peak_tflops(torch.device("cuda")) == 989.4
+    assert benchmark.peak_tflops(torch.device("cpu")) is None

@@ -146,7 +146,7 @@ def cmd_train(args) -> int:
 def _sample_batch(transport, model, z, labels, args, gen, progress):
     """One batch from the noise z, ODE or SDE as asked (gen: the SDE's noise)."""
     common = dict(model_kwargs={"y": labels} if labels is not None else None, cfg_scale=args.cfg_scale,
-                  cfg_interval=tuple(args.cfg_interval), progress=progress)
+                  cfg_interval=tuple(args.cfg_interval), progress=progress, cuda_graph=args.cuda_graph)
     common |= dict(schedule=args.schedule, schedule_param=args.schedule_param)
     if args.method == "ode":
         return transport.sample_ode(model, z, method=args.solver, num_steps=args.steps, atol=args.atol,
@@ -410,6 +410,13 @@ def cmd_sample(args) -> int:
     if args.schedule_param is not None and args.schedule == "uniform":
         raise ValueError("--schedule-param sets the shift or power of --schedule shift or power; the uniform "
                          "schedule has none")
+    if args.cuda_graph:
+        if args.method == "ode" and args.solver not in ("euler", "heun", "adams"):
+            raise ValueError(f"--cuda-graph needs a fixed-step solver (euler, heun, adams), got --solver "
+                             f"{args.solver}: torchdiffeq's solvers choose their steps on the host")
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type != "cuda":
+            raise ValueError(f"--cuda-graph needs a CUDA device, got --device {args.device} ({device})")
     if args.vae:
         return _sample_images(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -458,6 +465,8 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("T_LO", "T_HI"))
     p.add_argument("--labels", type=int, nargs="+", help="class labels to cycle through (default: all)")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the model's evaluation (guidance included) from one CUDA graph per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="samples")

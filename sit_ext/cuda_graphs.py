@@ -38,16 +38,21 @@ class StaticGraph:
         self.what = what
         self.static = [x.detach().clone() for x in inputs]
         device = self.static[0].device
+        # Under autocast, its weight-cast cache stays off: a cast cached in the
+        # warm-up would be read by the graph after autocast frees it.
+        autocast = torch.is_autocast_enabled("cuda")
+        no_cache = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast,
+                                  cache_enabled=False)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), no_cache:
             for _ in range(warmup):
                 fn(*self.static)
         torch.cuda.current_stream(device).wait_stream(side)
         if after_warmup is not None:
             after_warmup()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), no_cache:
             self.outputs = fn(*self.static)
 
     def __call__(self, *inputs: Tensor):

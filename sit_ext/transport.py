@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import ops
 from . import reference as ref
+from .cuda_graphs import GraphedField, check_device
 from .schedules import Schedule, get_schedule, per_sample
 
 PREDICTIONS = ("velocity", "noise", "score")
@@ -335,7 +336,8 @@ class Transport:
                    atol: float = 1e-6, rtol: float = 1e-3, reverse: bool = False,
                    model_kwargs: dict | None = None, cfg_scale: float = 1.0,
                    cfg_interval: tuple[float, float] = (0.0, 1.0), null_label: int | None = None,
-                   progress: bool = False, return_trajectory: bool = False, compile: bool = False):
+                   progress: bool = False, return_trajectory: bool = False, compile: bool = False,
+                   cuda_graph: bool = False):
         """Integrates the probability-flow ODE from noise (t = 1) to data (t = 0),
         or with reverse=True from data to noise. method: on a grid of num_steps
         steps spaced by `schedule` ("uniform", "shift", "power"; see ``time_grid``),
@@ -343,11 +345,17 @@ class Transport:
         order; see ``adams_sample``) or a torchdiffeq fixed-step method ("rk4",
         "midpoint", ...); or an adaptive torchdiffeq method ("dopri5", ...; atol and
         rtol pass through), which chooses its own steps. compile=True compiles the
-        step (for "adams", the field) with torch.compile. Returns x at the end, or
-        every grid point with return_trajectory=True."""
+        step (for "adams", the field) with torch.compile. cuda_graph=True captures
+        the field (the model, guidance included, and the velocity) in one CUDA
+        graph on its first evaluation and replays it on every later one (euler,
+        heun and adams; the capture costs a few extra evaluations per call).
+        Returns x at the end, or every grid point with return_trajectory=True."""
         _tensor_arg("noise", noise)
         _count("num_steps", num_steps, 1)
         field = self._velocity_field(self._guided(model, model_kwargs, cfg_scale, cfg_interval, null_label))
+        if cuda_graph:
+            _check_graph_sampling("sample_ode", noise, compile, method, (*ODE_FIXED, "adams"))
+            field = GraphedField(field, "sample_ode(cuda_graph=True)")
         lo, hi = self.interval(sample=True)
         t0, t1 = (lo, hi) if reverse else (hi, lo)
         if method not in (*ODE_FIXED, "adams", *TORCHDIFFEQ_FIXED):
@@ -395,7 +403,8 @@ class Transport:
                    last_step_size: float = 0.04, generator: torch.Generator | None = None,
                    model_kwargs: dict | None = None, cfg_scale: float = 1.0,
                    cfg_interval: tuple[float, float] = (0.0, 1.0), null_label: int | None = None,
-                   progress: bool = False, return_trajectory: bool = False, compile: bool = False):
+                   progress: bool = False, return_trajectory: bool = False, compile: bool = False,
+                   cuda_graph: bool = False):
         """Integrates the SDE from noise to data: Euler-Maruyama ("euler") or
         stochastic Heun ("heun"; a step that ends where the score or velocity
         conversion is singular skips the correction), on num_steps grid points
@@ -404,7 +413,9 @@ class Transport:
         the official sampler's (uniform grid, diffusion "sigma", last step "Mean" of
         size 0.04). For data with a small variance, last_step=None and
         schedule="power" keep the variance: "Mean" drops the noise of its whole
-        step, and uniform steps are too long where w / beta^2 is large."""
+        step, and uniform steps are too long where w / beta^2 is large.
+        cuda_graph=True captures the model's evaluation (guidance included) in
+        one CUDA graph, as sample_ode does; the noise is drawn outside it."""
         _choose("SDE method", method, SDE_METHODS)
         _choose("diffusion_form", diffusion_form, DIFFUSION_FORMS)
         _choose("last_step", last_step, LAST_STEPS)
@@ -415,6 +426,9 @@ class Transport:
         if last_step is not None and not 0 < last_step_size < 1:
             raise ValueError(f"last_step_size must be in (0, 1) with a last step, got {last_step_size}")
         output_fn = self._guided(model, model_kwargs, cfg_scale, cfg_interval, null_label)
+        if cuda_graph:
+            _check_graph_sampling("sample_sde", noise, compile, method, SDE_METHODS)
+            output_fn = GraphedField(output_fn, "sample_sde(cuda_graph=True)")
 
         def drift(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             out = output_fn(x, t)
@@ -516,6 +530,17 @@ def _axpy(a: Tensor, y, x):
     if isinstance(x, tuple):
         return tuple(a * yi + xi for yi, xi in zip(y, x))
     return a * y + x
+
+
+def _check_graph_sampling(what: str, noise: Tensor, compile: bool, method: str, methods: tuple[str, ...]) -> None:
+    """What a captured field cannot do, refused in one line before any work."""
+    if compile:
+        raise ValueError(f"{what}: cuda_graph=True and compile=True: pass one (a CUDA graph replays the eager "
+                         "kernels; compile's mode='reduce-overhead' makes its own graphs)")
+    if method not in methods:
+        raise ValueError(f"{what}: cuda_graph=True needs a fixed-step method ({', '.join(methods)}), got "
+                         f"{method!r}: torchdiffeq's solvers choose their steps and evaluation points on the host")
+    check_device(noise.device, f"{what}(cuda_graph=True)")
 
 
 def ode_step(field, x, t_cur: Tensor, t_next: Tensor, method: str):

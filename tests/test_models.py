@@ -353,3 +353,38 @@ def test_sampling_through_forward_with_cfg():
     out = sit_ext.Transport().sample_ode(model.forward_with_cfg, z, num_steps=3,
                                          model_kwargs={"y": y, "cfg_scale": 3.0})
     assert out.shape == z.shape and torch.equal(out[:2], out[2:])
+
+
+def _weight_casts(model, run):
+    """The model's parameters that `run()` casts to a lower precision (data pointers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    params = {p.data_ptr(): name for name, p in model.named_parameters()}
+    seen = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in params:
+                seen.append(params[args[0].data_ptr()])
+            return func(*args, **kwargs)
+
+    with Casts():
+        run()
+    return seen
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "sample"])
+def test_autocast_casts_the_weights_once_per_region(grad):
+    """Under one autocast region the fp32 -> bf16 weight casts happen once: the
+    first forward casts every matmul weight, later forwards reuse them (the
+    training loop holds one forward per optimizer step in its region; a
+    sampler run in one region casts once per call, not once per evaluation)."""
+    model = image_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randint(0, 10, (2,))
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = _weight_casts(model, lambda: model(x, t, y))
+        second = _weight_casts(model, lambda: model(x, t, y))
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears <= set(first), sorted(linears - set(first))
+    assert second == [], second

@@ -50,12 +50,29 @@ def test_arch_runs(arch, capability, runs):
     assert _build._arch_runs(arch, capability) is runs
 
 
-def test_train_bf16_autocast_on_cpu(tmp_path):
-    """--precision bf16: the model predicts in bfloat16 while the data stay float32."""
-    run = tmp_path / "run"
-    assert run_cli("train", "--data", "moons", "--steps", 6, "--log-every", 3, "--precision", "bf16",
-                   "--out", run, *TINY) == 0
-    assert len(losses(run)) == 2 and all(np.isfinite(losses(run)))
+def test_train_bf16_autocast_on_cpu(tmp_path, monkeypatch):
+    """--precision bf16: the model predicts in bfloat16 while the data stay
+    float32 (seen by a hook on the model the run builds), and the losses differ
+    from the same run in float32."""
+    ran_in = []
+    build_model = training.build_model
+
+    def build_and_watch(cfg, ds):
+        model = build_model(cfg, ds)
+        model.register_forward_hook(lambda module, args, out: ran_in.append((args[0].dtype, out.dtype)))
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_and_watch)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        ran_in.clear()
+        runs[precision] = tmp_path / precision
+        assert run_cli("train", "--data", "moons", "--steps", 6, "--log-every", 3, "--precision", precision,
+                       "--out", runs[precision], *TINY) == 0
+        predicted = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert len(ran_in) == 6 and set(ran_in) == {(torch.float32, predicted)}, (precision, ran_in)
+        assert len(losses(runs[precision])) == 2 and all(np.isfinite(losses(runs[precision])))
+    assert losses(runs["bf16"]) != losses(runs["fp32"])
 
 
 def test_train_then_sample_points(tmp_path):

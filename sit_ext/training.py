@@ -492,6 +492,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         runner = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if ckpt is None:  # DDP gave every rank rank 0's initial weights: the EMA starts from them too
+            ema.load_state_dict(model.state_dict())
     if cfg.compile:
         runner = torch.compile(runner)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

@@ -279,16 +279,16 @@ class Transport:
             per_sample_loss = ops.velocity_mse(pred, x, noise, coefficients=coefficients, reduction="none")
         else:
             per_sample_loss = ref.velocity_mse(pred, x, noise, coefficients=coefficients, reduction="none")
-        if scale is not None:
-            per_sample_loss = per_sample_loss * scale.float()
-        return per_sample_loss * self._loss_weight(t)
-
-    def _loss_weight(self, t: Tensor) -> Tensor | float:
+        if scale is not None:  # in the loss's dtype (float32 would round a float64 loss's weighting)
+            per_sample_loss = per_sample_loss * scale.to(per_sample_loss.dtype)
         if self.loss_weight is None:
-            return 1.0
+            return per_sample_loss
+        return per_sample_loss * self._loss_weight(t).to(per_sample_loss.dtype)
+
+    def _loss_weight(self, t: Tensor) -> Tensor:
         _, b, _, _ = self.schedule.coefficients(t)
         _, w = self.schedule.sde(t)
-        return ((w / b) ** 2 if self.loss_weight == "velocity" else w / (b * b)).float()
+        return (w / b) ** 2 if self.loss_weight == "velocity" else w / (b * b)
 
     # ------------------------------------------------------------ fields
 

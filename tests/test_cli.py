@@ -50,12 +50,29 @@ def test_arch_runs(arch, capability, runs):
     assert _build._arch_runs(arch, capability) is runs
 
 
-def test_train_bf16_autocast_on_cpu(tmp_path):
-    """--precision bf16: the model predicts in bfloat16 while the data stay float32."""
-    run = tmp_path / "run"
-    assert run_cli("train", "--data", "moons", "--steps", 6, "--log-every", 3, "--precision", "bf16",
-                   "--out", run, *TINY) == 0
-    assert len(losses(run)) == 2 and all(np.isfinite(losses(run)))
+def test_train_bf16_autocast_on_cpu(tmp_path, monkeypatch):
+    """--precision bf16: the model predicts in bfloat16 while the data stay
+    float32 (seen by a hook on the model the run builds), and the losses differ
+    from the same run in float32."""
+    ran_in = []
+    build_model = training.build_model
+
+    def build_and_watch(cfg, ds):
+        model = build_model(cfg, ds)
+        model.register_forward_hook(lambda module, args, out: ran_in.append((args[0].dtype, out.dtype)))
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_and_watch)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        ran_in.clear()
+        runs[precision] = tmp_path / precision
+        assert run_cli("train", "--data", "moons", "--steps", 6, "--log-every", 3, "--precision", precision,
+                       "--out", runs[precision], *TINY) == 0
+        predicted = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert len(ran_in) == 6 and set(ran_in) == {(torch.float32, predicted)}, (precision, ran_in)
+        assert len(losses(runs[precision])) == 2 and all(np.isfinite(losses(runs[precision])))
+    assert losses(runs["bf16"]) != losses(runs["fp32"])
 
 
 def test_train_then_sample_points(tmp_path):
@@ -114,11 +131,44 @@ def test_crash_mid_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
 
 
+# Runs `sit-ext <args>` on every rank and saves what the run did there: its final
+# weights, EMA and the indices it drew at each step (rank<r>.pt in argv[1]).
+DDP_PROBE = """
+import sys
+
+import torch
+
+from sit_ext import cli, training
+
+drawn, next_batch, train = [], training.ShardedBatches.next, training.train
+
+
+def record_batch(self):
+    drawn.append(next_batch(self))
+    return drawn[-1]
+
+
+def record_run(*args, **kwargs):
+    summary = train(*args, **kwargs)
+    state = {"model": summary["model"].state_dict(), "ema": summary["ema"].state_dict(), "drawn": drawn}
+    torch.save(state, f"{sys.argv[1]}/rank{summary['rank']}.pt")
+    return summary
+
+
+training.ShardedBatches.next, training.train = record_batch, record_run
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
 def test_ddp_two_cpu_processes(tmp_path):
-    run = tmp_path / "ddp"
+    """Two CPU ranks: they draw disjoint halves of each epoch, and their
+    weights and EMAs are identical after training (the EMA started from each
+    rank's own initial weights, not the broadcast ones)."""
+    run, probe = tmp_path / "ddp", tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "sit_ext", "train", "--data", "moons", "--steps", 6, "--ckpt-every", 3, "--log-every", 1,
-           "--out", run, *TINY]
+           probe, tmp_path, "train", "--data", "moons", "--data-size", 256, "--steps", 6, "--ckpt-every", 3,
+           "--log-every", 1, "--out", run, *TINY]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -126,9 +176,17 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # per-rank seeds
     assert len(losses(run)) == 6 and all(np.isfinite(losses(run)))  # rank 0 logs, once per step
-    # The ranks drew disjoint halves of each epoch's permutation.
-    halves = [training.ShardedBatches(100, 50, rank, 2, seed=0).next() for rank in (0, 1)]
-    assert sorted(torch.cat(halves).tolist()) == list(range(100))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for part in ("model", "ema"):
+        differ = [(rank, name) for rank in (0, 1) for name, value in ckpt[part].items()
+                  if not torch.equal(ranks[rank][part][name], value)]
+        assert differ == [], f"{part}: (rank, tensor) unlike the checkpoint: {differ}"
+    # 64 of 256 indices per rank and step: each pair of steps is one epoch, split between the ranks.
+    drawn = [torch.stack(r["drawn"]) for r in ranks]
+    assert drawn[0].shape == drawn[1].shape == (6, 64)
+    for epoch in range(3):
+        both = torch.cat([d[2 * epoch : 2 * epoch + 2].flatten() for d in drawn])
+        assert sorted(both.tolist()) == list(range(256)), epoch
 
 
 def test_demo_quality(tmp_path, capsys):

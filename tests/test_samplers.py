@@ -61,8 +61,10 @@ def test_schedule_arguments_are_checked():
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_adams_is_third_order_and_beats_heun_at_equal_evaluations(path, prediction):
     """On stiff Gaussian data (std 0.1), from the same noise as the exact flow:
-    one model evaluation per step, at least second order (about third), and at
-    equal NFE closer to the exact flow than Heun on the same schedule."""
+    one model evaluation per step, third order (doubling 64 steps to 128 divides
+    the error by 7.65 to 7.85 over the paths and predictions; a second-order
+    method by about 4), and at equal NFE closer to the exact flow than Heun on
+    the same schedule."""
     transport = Transport(path, prediction)
     model = GaussianField(transport.schedule, prediction, sigma=STIFF)
     lo, hi = transport.interval(sample=True)
@@ -73,8 +75,8 @@ def test_adams_is_third_order_and_beats_heun_at_equal_evaluations(path, predicti
                                schedule="power")
     assert len(calls) == 32
     errors = [rms(transport.sample_ode(model, z, method="adams", num_steps=n, schedule="power"), exact)
-              for n in (16, 32)]
-    assert errors[0] / errors[1] > 4, errors
+              for n in (64, 128)]
+    assert errors[0] / errors[1] > 0.9 * 2**3, errors
     heun = rms(transport.sample_ode(model, z, method="heun", num_steps=16, schedule="power"), exact)
     assert rms(out, exact) < heun / 2, (rms(out, exact), heun)
 

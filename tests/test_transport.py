@@ -195,18 +195,51 @@ def test_low_precision_losses_accumulate_in_float32(prediction):
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
 
 
+def linear_path_loss(prediction, weight, pred, x, eps, t):
+    """The official losses on the linear path (alpha = 1 - t, beta = t), written
+    out: velocity mean (pred - (eps - x))^2, noise mean (pred - eps)^2, score
+    mean (t pred + eps)^2; weighted by (w / beta)^2 ("velocity") or w / beta^2
+    ("likelihood"), with the forward SDE's w = g^2 / 2 = t / (1 - t)."""
+    tt = t[:, None]
+    target = {"velocity": eps - x, "noise": eps, "score": -eps / tt}[prediction]
+    loss = ((pred - target) ** 2).mean(1)
+    if prediction == "score":
+        loss = loss * t**2
+    if prediction == "velocity" or weight is None:
+        return loss
+    return loss * (1 / (1 - t) ** 2 if weight == "velocity" else 1 / (t * (1 - t)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_exact_fields_have_the_smallest_loss(prediction):
-    """The loss is minimised by the exact field: a check that targets and
-    weightings are consistent with the samplers' conversions."""
-    transport = Transport("linear", prediction)
+@pytest.mark.parametrize("weight", [None, "velocity", "likelihood"])
+def test_losses_match_the_written_out_formulas(fused, prediction, weight):
+    """Each target and weighting against its formula, in float64 to float64's
+    precision: a weighting rounded through float32 is 1e-8 off."""
+    gen = torch.Generator().manual_seed(4)
+    pred, x, eps = (torch.randn(64, 5, dtype=torch.float64, generator=gen) for _ in range(3))
+    t = 0.05 + 0.9 * torch.rand(64, dtype=torch.float64, generator=gen)
+    got = Transport("linear", prediction, weight, fused=fused).loss(pred, x, eps, t)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, linear_path_loss(prediction, weight, pred, x, eps, t), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("weight", [None, "likelihood"])
+def test_exact_fields_have_the_smallest_loss(prediction, weight):
+    """The loss is minimised by the exact field, on both sides (0.95x and
+    1.05x): a check that targets and weightings are consistent with the
+    samplers' conversions."""
+    transport = Transport("linear", prediction, weight)
     exact = GaussianField(transport.schedule, prediction)
     x = MU + SIGMA * torch.randn(20000, 3, dtype=torch.float64)
 
     def mean_loss(model):
         return transport.training_losses(model, x, generator=torch.Generator().manual_seed(0))["loss"].mean()
 
-    assert mean_loss(exact) < mean_loss(lambda x_t, t: exact(x_t, t) * 1.05)
+    best = mean_loss(exact)
+    for factor in (0.95, 1.05):
+        assert best < mean_loss(lambda x_t, t, f=factor: exact(x_t, t) * f), factor
 
 
 def test_learnable_schedule_receives_gradients():

@@ -96,7 +96,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+def _time_once(fn: Callable[[], object], device: torch.device,
+               clock: Callable[[], float] = time.perf_counter) -> float:
     if device.type == "cuda":
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -104,26 +105,29 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return begin.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def time_medians(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
-                 min_rounds: int = 7, min_seconds: float = 0.5) -> dict[str, float]:
-    """Median seconds per call of each fn, after `warmup` calls of each. The
-    variants take turns, round by round, so that a slow spell of a noisy
-    machine hits them all alike."""
+                 min_rounds: int = 7, min_seconds: float = 0.5,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each fn, after `warmup` calls of each: at
+    least min_rounds rounds, and more (500 at most) until min_seconds have
+    passed. The variants take turns, round by round, so that a slow spell of a
+    noisy machine hits them all alike. `clock` (seconds) times the CPU's calls
+    (CUDA's are timed with events) and the rounds."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
+    start = clock()
     rounds = 0
-    while rounds < min_rounds or (time.perf_counter() - start < min_seconds and rounds < 500):
+    while rounds < min_rounds or (clock() - start < min_seconds and rounds < 500):
         for name, fn in fns.items():
-            samples[name].append(_time_once(fn, device))
+            samples[name].append(_time_once(fn, device, clock))
         rounds += 1
     return {name: statistics.median(v) for name, v in samples.items()}
 
@@ -196,14 +200,14 @@ _SAMPLE_SECONDS = 1e-3
 
 
 def time_variants(calls: dict[str, Sequence[Callable[[], object]]], device: torch.device,
-                  launch: Iterable[str] = ()) -> dict[str, dict]:
+                  launch: Iterable[str] = (), clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
     """Seconds per call of each variant. calls[name] runs the variant once on
     each input copy; on CUDA a graph runs them all (see the module docstring).
 
     Returns {name: {"seconds", "timing"}}, with "timing" "graph", "events" or
     "wall" (CPU), and "graph_error" when CUDA graph capture failed; {name:
     {"error"}} for a variant that fails outright. Each name in `launch` is also
-    timed launched eagerly, as f"{name}_launch"."""
+    timed launched eagerly, as f"{name}_launch". `clock`: see time_medians."""
     cuda = device.type == "cuda"
     launch = set(launch)
     timed: dict[str, tuple[Callable[[], object], int, str]] = {}
@@ -230,11 +234,11 @@ def time_variants(calls: dict[str, Sequence[Callable[[], object]]], device: torc
     for name, (fn, n_calls, _) in timed.items():
         times = 1
         if cuda:
-            first = _time_once(fn, device)  # also the graph's first replay, which uploads it
+            first = _time_once(fn, device, clock)  # also the graph's first replay, which uploads it
             times = max(1, min(100, math.ceil(_SAMPLE_SECONDS / max(first, 1e-7))))
         fns[name], calls_per_sample[name] = _repeated(fn, times), n_calls * times
     settings = dict(warmup=0, min_rounds=15, min_seconds=0.1) if cuda else dict(warmup=0)
-    seconds = time_medians(fns, device, **settings) if fns else {}
+    seconds = time_medians(fns, device, clock=clock, **settings) if fns else {}
     for name, (_, _, timing) in timed.items():
         report.setdefault(name, {}).update(seconds=seconds[name] / calls_per_sample[name], timing=timing)
     return report

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import time
 
 import pytest
 import torch
@@ -93,6 +92,38 @@ def test_capture_is_impossible_on_the_cpu():
     assert graph is None and "cpu" in why
 
 
+class FakeClock:
+    """Seconds that pass only when a fake call says so: timing logic tested
+    exactly, with no wall-clock windows on a loaded machine."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.calls = 0
+
+    def __call__(self):
+        return self.now
+
+    def taking(self, *seconds):
+        """A call that takes seconds[0], then seconds[1], ... (cycling)."""
+        def call():
+            self.now += seconds[self.calls % len(seconds)]
+            self.calls += 1
+        return call
+
+
+def test_time_medians_takes_the_median_of_turns_until_the_time_is_up():
+    clock = FakeClock()
+    # 7 rounds at least: the median of 3, 1, 2, 100, 2, 1, 3 ms is 2 ms (their mean, 16 ms).
+    skewed = clock.taking(3e-3, 1e-3, 2e-3, 100e-3, 2e-3, 1e-3, 3e-3)
+    got = benchmark.time_medians({"a": skewed}, CPU, warmup=0, min_seconds=0, clock=clock)
+    assert got == pytest.approx({"a": 2e-3}, rel=1e-9) and clock.calls == 7
+    # Then rounds until min_seconds: 0.48 s of 10 ms calls in turn with 40 ms ones is 10 rounds, after 3 warm-ups.
+    clock = FakeClock()
+    fast, slow = clock.taking(10e-3), clock.taking(40e-3)
+    got = benchmark.time_medians({"fast": fast, "slow": slow}, CPU, warmup=3, min_seconds=0.48, clock=clock)
+    assert got == pytest.approx({"fast": 10e-3, "slow": 40e-3}, rel=1e-9) and clock.calls == 2 * (3 + 10)
+
+
 def test_time_variants_mixes_graphs_and_fallbacks(monkeypatch):
     class FakeGraph:  # what a capture returns: replay runs the captured calls
         def __init__(self, calls):
@@ -108,14 +139,16 @@ def test_time_variants_mixes_graphs_and_fallbacks(monkeypatch):
     def boom():
         raise RuntimeError("boom")
 
-    nap = [lambda: time.sleep(1e-3)] * 8  # 8 input copies, 1 ms a call
-    captured = list(nap)
+    clock = FakeClock()
+    captured = [clock.taking(1e-3)] * 8  # 8 input copies, 1 ms a call
+    plain = [clock.taking(3e-3)] * 4
     monkeypatch.setattr(benchmark, "capture_graph", fake_capture)
-    report = benchmark.time_variants({"graphed": captured, "plain": list(nap), "broken": [boom]}, CPU)
+    report = benchmark.time_variants({"graphed": captured, "plain": plain, "broken": [boom]}, CPU, clock=clock)
     assert report["graphed"]["timing"] == "graph" and report["plain"]["timing"] == "wall"
     assert report["broken"] == {"error": "RuntimeError: boom"}
-    for name in ("graphed", "plain"):  # per call: a sample of 8 calls divided by 8
-        assert 0.9e-3 < report[name]["seconds"] < 4e-3, report
+    # per call: a sample of 8 (4) calls divided by 8 (4)
+    assert report["graphed"]["seconds"] == pytest.approx(1e-3, rel=1e-9), report
+    assert report["plain"]["seconds"] == pytest.approx(3e-3, rel=1e-9), report
 
 
 def test_cuda_branch_with_a_fake_cuda(monkeypatch):
@@ -133,7 +166,7 @@ def test_cuda_branch_with_a_fake_cuda(monkeypatch):
                     raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
                 capturing[-1].append(self)
             else:
-                time.sleep(5e-4)
+                clock.now += 1e-4
 
     class Graph:
         def __init__(self):
@@ -156,7 +189,7 @@ def test_cuda_branch_with_a_fake_cuda(monkeypatch):
             self.t = None
 
         def record(self):
-            self.t = time.perf_counter()
+            self.t = clock()
 
         def synchronize(self):
             pass
@@ -174,14 +207,17 @@ def test_cuda_branch_with_a_fake_cuda(monkeypatch):
     def oom():
         raise MemoryError("CUDA out of memory")
 
+    clock = FakeClock()
     calls = {"fused": [Call() for _ in range(4)], "compiled": [Call(capturable=False) for _ in range(4)],
              "broken": [oom]}
-    report = benchmark.time_variants(calls, torch.device("cuda"), launch=("fused",))
+    report = benchmark.time_variants(calls, torch.device("cuda"), launch=("fused",), clock=clock)
     assert report["fused"]["timing"] == "graph" and report["fused_launch"]["timing"] == "events"
     assert report["compiled"]["timing"] == "events" and "capturing" in report["compiled"]["graph_error"]
     assert report["broken"] == {"error": "MemoryError: CUDA out of memory"}
-    for name in ("fused", "fused_launch", "compiled"):  # per call, not per replay of 4 calls
-        assert 0.45e-3 < report[name]["seconds"] < 2e-3, report
+    # 0.1 ms a call: per call, not per replay of 4 calls nor per sample of 3 replays (0.4 ms each,
+    # repeated to span _SAMPLE_SECONDS, 1 ms)
+    for name in ("fused", "fused_launch", "compiled"):
+        assert report[name]["seconds"] == pytest.approx(1e-4, rel=1e-9), report
 
 
 def test_run_on_the_cpu_for_real(tmp_path):

@@ -348,6 +348,21 @@ def test_export_is_a_bit_exact_safetensors_round_trip(exported):
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
 
 
+def test_export_follows_the_umask_as_torch_save_does(exported, tmp_path):
+    """safetensors creates its file 0600; an export is as readable as the checkpoint it came from."""
+    from sit_ext.models import save_safetensors
+
+    previous = os.umask(0o027)
+    try:
+        assert run_cli("export", "--ckpt", exported[0], "--out", tmp_path / "a.safetensors") == 0
+        save_safetensors(tmp_path / "b.safetensors", {"w": torch.zeros(2)}, {})
+        torch.save({}, tmp_path / "c.pt")
+    finally:
+        os.umask(previous)
+    modes = [os.stat(tmp_path / name).st_mode & 0o777 for name in ("a.safetensors", "b.safetensors", "c.pt")]
+    assert modes == [0o640] * 3, [oct(m) for m in modes]
+
+
 def test_sample_with_vae_from_safetensors_needs_no_pickle(exported, vae_dir, tmp_path, monkeypatch):
     """Export, VAE and outputs are safetensors, PNG and .npy/.npz: sampling
     works with torch.load (the pickle reader) switched off."""

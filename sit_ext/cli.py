@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -586,13 +587,21 @@ def cmd_bench(args) -> int:
     labels = [f"{r['op']} {r['mode']} {r['size']} B{r['shape'][0]} {r['dtype']}" for r in rows]
     png = os.path.join(args.out, f"{stamp}-{device.type}-speedups.png")
     try:
-        plots.speedup_bars(png, labels, {"vs eager": [r["x_vs_eager"] for r in rows],
-                                         "vs torch.compile": [r.get("x_vs_compiled", float("nan")) for r in rows]},
-                           title=f"sit_ext on {result['meta'].get('device_name', result['meta']['cpu'])}")
+        plots.speedup_bars(png, labels, _series_that_ran(
+            {"vs eager": [r.get("x_vs_eager", float("nan")) for r in rows],
+             "vs torch.compile": [r.get("x_vs_compiled", float("nan")) for r in rows]}),
+            title=f"sit_ext on {result['meta'].get('device_name', result['meta']['cpu'])}")
         print(f"# wrote {png}")
     except ImportError as e:
         print(f"sit-ext: no chart written: {e}", file=sys.stderr)
     return 0
+
+
+def _series_that_ran(series: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The chart's series without those of a variant that never ran (all NaN:
+    torch.compile under --quick or --no-compile), which would be a legend entry
+    with no bars."""
+    return {name: values for name, values in series.items() if not all(math.isnan(v) for v in values)}
 
 
 def _model_chart(png: str, result: dict) -> None:
@@ -603,8 +612,8 @@ def _model_chart(png: str, result: dict) -> None:
     variants = [v for v in benchmark.MODEL_VARIANTS if any("ms" in r.get(v, {}) for r in rows)]
     if not rows:
         return
-    series = {v: [r[r["best_unfused"]]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) else float("nan") for r in rows]
-              for v in variants}
+    series = _series_that_ran({v: [r[r["best_unfused"]]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) else float("nan")
+                                   for r in rows] for v in variants})
     try:
         plots.speedup_bars(png, [f"{r['model']} {r['mode']} B{r['batch']}" for r in rows], series,
                            title="SiT step: speed against the best unfused variant")

@@ -149,6 +149,18 @@ def test_bench_smoke(tmp_path):
     assert any(n.endswith("-ops.json") for n in names) and any(n.endswith("-speedups.png") for n in names)
 
 
+def test_bench_quick_shows_a_dash_for_what_did_not_run(tmp_path, capsys, monkeypatch):
+    """--quick runs no torch.compile: its ratio is a dash, not nan, and the chart has no legend entry for it."""
+    from sit_ext import plots
+
+    charts = []
+    monkeypatch.setattr(plots, "speedup_bars", lambda path, labels, series, title="": charts.append(series))
+    assert run_cli("bench", "--quick", "--ops", "mse", "--no-models", "--device", "cpu", "--out", tmp_path) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mse ")]
+    assert len(rows) == 2 and all("nan" not in row and row.split()[-4] == "—" for row in rows), rows
+    assert [list(series) for series in charts] == [["vs eager"]]
+
+
 def test_sample_official_checkpoint(tmp_path):
     from sit_ext.models import SiT_models
 

@@ -113,7 +113,9 @@ def inception_features(net, images: np.ndarray, batch_size: int = 64, progress: 
     device = next(net.parameters()).device
     pools, logits = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        # A writable C-contiguous batch: a memory-mapped .npz is read-only, and torch warns on wrapping one.
+        x = torch.from_numpy(np.require(images[start : start + batch_size], requirements=["C", "W"]))
+        x = x.permute(0, 3, 1, 2)
         pool, logit = net(x.to(device))
         pools.append(pool.double())
         logits.append(logit.double())

@@ -104,6 +104,46 @@ def vae_dir(tmp_path_factory):
     return path
 
 
+def test_vae_and_features_load_without_third_party_noise(vae_dir, tmp_path, monkeypatch, capfd):
+    """No warning and nothing on stderr: diffusers' cast warning (a dtype given to .to() after
+    loading), huggingface_hub's local_dir_use_symlinks warning (a Hub id from the cache), torch's
+    "not writable" warning (features of a read-only, memory-mapped array)."""
+    import warnings
+
+    import huggingface_hub
+
+    from sit_ext import vae as vae_lib
+
+    snapshot = tmp_path / "hub" / "models--sit-ext--tiny-vae" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in os.listdir(vae_dir):
+        (snapshot / f).write_bytes((vae_dir / f).read_bytes())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    np.save(tmp_path / "images.npy", np.zeros((3, 8, 8, 3), np.uint8))
+    read_only = np.load(tmp_path / "images.npy", mmap_mode="r")
+
+    def net(x):
+        assert x.dtype == torch.uint8 and x.shape == (2 if len(seen) == 0 else 1, 3, 8, 8)
+        seen.append(x)
+        return x.flatten(1).float(), x.flatten(1).float()[:, :4]
+
+    seen = []
+    net.parameters = lambda: iter([torch.zeros(1)])
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in (str(vae_dir), "sit-ext/tiny-vae"):
+            vae = vae_lib.load_vae(name)
+            assert next(vae.parameters()).dtype == torch.float32 and not vae.training
+        pool, _ = evaluate.inception_features(net, read_only, batch_size=2, progress=False)
+    assert pool.shape == (3, 192) and len(seen) == 2
+    assert capfd.readouterr().err == ""
+    with pytest.raises(FileNotFoundError, match="neither a folder nor in the cache"):
+        vae_lib.load_vae("sit-ext/not-cached")
+
+
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     from PIL import Image

@@ -100,18 +100,19 @@ def encode_folder(image_dir: str, vae_path: str, out: str, image_size: int = 256
     official recipe's random flip does on average), "random" one of the two
     (fast-DiT's feature extraction), "none" the image alone. Returns the index."""
     if flip not in FLIPS:
-        raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
+        raise ValueError(f"flip (--flip) must be one of {FLIPS}, got {flip!r}")
     for name, value in (("image_size", image_size), ("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
     if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+        raise ValueError(f"seed (--seed) must be in [0, 2**31), got {seed}")
     paths, labels, classes = images_lib.list_image_folder(image_dir)
     vae = load_vae(vae_path, device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling
     if image_size % factor:
-        raise ValueError(f"image_size must be a multiple of {factor} (the VAE's downsampling factor), got "
-                         f"{image_size}: the latents would stand for a {image_size // factor * factor}-pixel image")
+        raise ValueError(f"image_size (--image-size) must be a multiple of {factor} (the VAE's downsampling "
+                         f"factor), got {image_size}: the latents would stand for a "
+                         f"{image_size // factor * factor}-pixel image")
     meta = {"vae": vae_path, "scaling_factor": scaling_factor(vae), "image_size": image_size, "flip": flip,
             "source": os.path.abspath(image_dir), "classes": classes,
             "num_classes": len(classes) if labels is not None else None}

@@ -512,6 +512,26 @@ def test_feature_weights_are_read_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+def test_evaluate_warns_about_few_images(tmp_path, capsys, monkeypatch):
+    """8 samples against 16 references: one warning line naming FID-50K; none at 2048 a side."""
+    rng = np.random.default_rng(0)
+    for name, n in (("s8", 8), ("r16", 16), ("s2048", 2048), ("r2048", 2048)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+    monkeypatch.setattr(evaluate, "inception", lambda weights, device: None)  # no torch-fidelity needed
+    monkeypatch.setattr(evaluate, "evaluate_images", lambda net, s, r, *a, **k: {
+        "fid": 1.0, "inception_score": 1.0, "inception_score_std": 0.0, "precision": 1.0, "recall": 1.0,
+        "samples": len(s), "ref": len(r)})
+    for samples, ref, warned in (("s8", "r16", True), ("s2048", "r2048", False)):
+        assert run_cli("evaluate", "--samples", tmp_path / f"{samples}.npz", "--ref", tmp_path / f"{ref}.npz",
+                       "--feature-weights", tmp_path / "unused.pth", "--device", "cpu", "--quiet") == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        if warned:
+            assert len(err) == 1 and err[0].startswith("sit-ext evaluate: warning: FID from 8 samples against 16")
+            assert "FID-50K" in err[0]
+        else:
+            assert err == []
+
+
 @pytest.fixture
 def inception_weights(tmp_path, monkeypatch):
     """torch-fidelity's InceptionV3 with random weights (He-scaled, so that

@@ -659,12 +659,16 @@ def format_row(row: dict) -> str:
             return f"{'error':>10}"
         return f"{t['ms']:>9.3f}{'*' if t.get('timing') == 'events' and v != 'fused_launch' else ' '}"
 
+    def ratio(key, width):  # a variant that did not run (no torch.compile) shows a dash, not nan
+        value = row.get(key, float("nan"))
+        return f"{'—':>{width}}" if math.isnan(value) else f"{value:>{width}.2f}"
+
     pct = f"{row['pct_of_copy']:>8.1f}" if "pct_of_copy" in row else f"{'-':>8}"
     gbs = f"{row['fused']['gbs']:>8.1f}" if "gbs" in row.get("fused", {}) else f"{'-':>8}"
     shape = "x".join(str(s) for s in row["shape"])
     return (f"{row['op']:<28}{row['mode']:<9}{row['size']:<6}{shape:<18}{row['dtype']:<10}"
             f"{ms('fused')}{ms('eager')}{ms('compiled')}"
-            f"{row.get('x_vs_eager', float('nan')):>9.2f}{row.get('x_vs_compiled', float('nan')):>10.2f}"
+            f"{ratio('x_vs_eager', 9)}{ratio('x_vs_compiled', 10)}"
             f"{gbs}{pct}{ms('fused_launch')}")
 
 

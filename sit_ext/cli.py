@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -37,7 +38,8 @@ def cmd_info(args) -> int:
 # ------------------------------------------------------------------ train
 
 
-_UNSET = {"loss_weight": "none", "train_eps": "the path's, as the official code", "grad_clip": "none",
+_UNSET = {"model": "SiT-S/2 for image data, vector for other arrays", "loss_weight": "none",
+          "train_eps": "the path's, as the official code", "grad_clip": "none",
           "sample_eps": "the path's, as the official code"}
 
 
@@ -109,7 +111,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from .training import _POSITIVE_FIELDS, TrainingInterrupted, load_checkpoint, resume_config, train
+    from .training import _POSITIVE_FIELDS, TrainingInterrupted, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -118,22 +120,23 @@ def cmd_train(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: pass one")
-    resume = None
-    if args.resume:
+    resume, cfg = None, None
+    if args.resume:  # train loads the checkpoint and merges its config with the flags given
         out = given.get("out", TrainConfig().out)
         resume = os.path.join(out, "latest.pt") if args.resume == "auto" else args.resume
-        saved = TrainConfig.from_dict(load_checkpoint(resume)["config"])
-        cfg = resume_config(saved, given, resume)
     else:
-        cfg = TrainConfig.for_data(given.pop("data", TrainConfig().data), **given)
+        cfg = TrainConfig.for_data(given.get("data", TrainConfig().data),
+                                   **{k: v for k, v in given.items() if k != "data"})
     try:
-        summary = train(cfg, resume=resume, progress=not args.quiet, overwrite=args.overwrite)
+        summary = train(cfg, resume=resume, progress=not args.quiet, overwrite=args.overwrite, given=given,
+                        warn=lambda message: print(f"sit-ext train: warning: {message}", file=sys.stderr))
     except TrainingInterrupted as e:
         print(f"sit-ext train: interrupted at step {e.step}; checkpoint {e.checkpoint} "
               f"(continue with --resume)", file=sys.stderr)
         return 130
     if summary["rank"] == 0:
-        print(f"trained {summary['steps']} steps, loss {summary['loss']:.4f}, "
+        span = f" (steps {summary['first_step']} to {summary['steps']})" if summary["first_step"] else ""
+        print(f"trained {summary['steps_done']} steps{span}, loss {summary['loss']:.4f}, "
               f"{summary['it_s']:.1f} it/s; checkpoint {summary['checkpoint']}")
     if summary["world"] > 1:
         torch.distributed.destroy_process_group()
@@ -244,7 +247,14 @@ def _load_sampler(args, device):
     if (args.ckpt is None) == (args.official is None):
         raise ValueError("pass exactly one of --ckpt (a sit_ext checkpoint) or --official (an official SiT file)")
     reference = None
+    if args.ckpt:  # the checkpoint records its model and data shape
+        given = [flag for flag, value in (("--model", args.model), ("--image-size", args.image_size)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} describe an --official file; a --ckpt records its own model "
+                             "and size: drop them")
     if args.official:
+        args.model = args.model or "SiT-XL/2"
+        args.image_size = args.image_size or 256
         if args.image_size % 8:
             raise ValueError(f"--image-size must be a multiple of 8 (the VAE's factor), got {args.image_size}")
         model = SiT.from_pretrained(args.official, model=args.model, input_size=args.image_size // 8,
@@ -442,8 +452,8 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", help="a sit_ext checkpoint (latest.pt of a run) or its sit-ext export (.safetensors)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--official", help="an official SiT checkpoint file (local; never downloaded)")
-    p.add_argument("--model", default="SiT-XL/2", help="preset of the --official file")
-    p.add_argument("--image-size", type=int, default=256, help="image size of the --official model (latents /8)")
+    p.add_argument("--model", help="preset of the --official file (default: SiT-XL/2)")
+    p.add_argument("--image-size", type=int, help="image size of the --official model, latents /8 (default: 256)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--method", default="ode", choices=["ode", "sde"])
@@ -515,6 +525,9 @@ def cmd_evaluate(args) -> int:
 
     net = evaluate.inception(args.feature_weights, resolve_device(args.device))  # first: fails fast
     samples, ref = images_lib.read_images(args.samples), images_lib.read_images(args.ref)
+    warning = evaluate.few_images_warning(len(samples), len(ref))
+    if warning:
+        print(f"sit-ext evaluate: warning: {warning}", file=sys.stderr)
     result = evaluate.evaluate_images(net, samples, ref, args.batch_size, progress=not args.quiet)
     rows = [("FID", f"{result['fid']:.4f}"),
             ("Inception Score", f"{result['inception_score']:.4f} ± {result['inception_score_std']:.4f}"),
@@ -564,11 +577,12 @@ def cmd_bench(args) -> int:
     from . import benchmark, plots
 
     device = resolve_device(args.device)  # bad input fails here, before the restart
+    _check_bench_flags(args)
     unknown = sorted(set(args.ops or ()) - set(benchmark.OP_FAMILIES))
     if unknown:
         raise ValueError(f"--ops: unknown op families {unknown}: choose from {sorted(benchmark.OP_FAMILIES)}")
     if args.digits is not None:
-        sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed)
+        sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed or 0)
         return 0
     if args.dispatch:
         os.makedirs(args.out, exist_ok=True)
@@ -576,7 +590,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.samplers:
         sampler_bench.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
-                          seed=args.seed)
+                          seed=args.seed or 0)
         return 0
     benchmark.reexec_with_stable_allocator()
     os.makedirs(args.out, exist_ok=True)
@@ -586,7 +600,7 @@ def cmd_bench(args) -> int:
     compile_ = not (args.no_compile or args.quick)
     result = benchmark.run(args.ops or list(benchmark.OP_FAMILIES), str(device), quick=args.quick, out=ops_json,
                            budget=40 if args.quick else None, compile_=compile_)
-    if args.models:
+    if args.models is not False:
         models = benchmark.run_models(str(device), models=["SiT-S/8"] if args.quick else None, compile_=compile_,
                                       budget=20 if args.quick else None, peak=args.peak_tflops,
                                       out=os.path.join(args.out, f"{stamp}-{device.type}-models.json"))
@@ -595,13 +609,49 @@ def cmd_bench(args) -> int:
     labels = [f"{r['op']} {r['mode']} {r['size']} B{r['shape'][0]} {r['dtype']}" for r in rows]
     png = os.path.join(args.out, f"{stamp}-{device.type}-speedups.png")
     try:
-        plots.speedup_bars(png, labels, {"vs eager": [r["x_vs_eager"] for r in rows],
-                                         "vs torch.compile": [r.get("x_vs_compiled", float("nan")) for r in rows]},
-                           title=f"sit_ext on {result['meta'].get('device_name', result['meta']['cpu'])}")
+        plots.speedup_bars(png, labels, _series_that_ran(
+            {"vs eager": [r.get("x_vs_eager", float("nan")) for r in rows],
+             "vs torch.compile": [r.get("x_vs_compiled", float("nan")) for r in rows]}),
+            title=f"sit_ext on {result['meta'].get('device_name', result['meta']['cpu'])}")
         print(f"# wrote {png}")
     except ImportError as e:
         print(f"sit-ext: no chart written: {e}", file=sys.stderr)
     return 0
+
+
+def _series_that_ran(series: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The chart's series without those of a variant that never ran (all NaN:
+    torch.compile under --quick or --no-compile), which would be a legend entry
+    with no bars."""
+    return {name: values for name, values in series.items() if not all(math.isnan(v) for v in values)}
+
+
+# The flags each bench mode reads; --out is everyone's.
+_BENCH_FLAGS = {"the kernel and model benchmark": ("--ops", "--quick", "--models", "--no-compile", "--peak-tflops",
+                                                   "--device"),
+                "--samplers": ("--quick", "--samples", "--nfe", "--seed", "--device"),
+                "--digits": ("--nfe", "--seed", "--device"),
+                "--dispatch": ()}
+
+
+def _check_bench_flags(args) -> None:
+    """One mode at a time, and only its own flags: another mode's would be ignored."""
+    modes = [m for m, on in (("--samplers", args.samplers), ("--digits", args.digits is not None),
+                             ("--dispatch", args.dispatch)) if on]
+    if len(modes) > 1:
+        raise ValueError(f"{modes[0]} and {modes[1]} are two benchmarks: run one at a time")
+    mode = modes[0] if modes else "the kernel and model benchmark"
+    given = {"--ops": args.ops is not None, "--quick": args.quick, "--models": args.models is not None,
+             "--no-compile": args.no_compile, "--peak-tflops": args.peak_tflops is not None,
+             "--samples": args.samples is not None, "--nfe": args.nfe is not None, "--seed": args.seed is not None,
+             "--device": args.device != "auto"}
+    for flag, on in given.items():
+        if on and flag not in _BENCH_FLAGS[mode]:
+            owners = [m for m, flags in _BENCH_FLAGS.items() if flag in flags]
+            raise ValueError(f"{flag} is a flag of {' and '.join(owners)}, not of {mode}, which would ignore it: "
+                             "drop it")
+    if args.models is False and args.peak_tflops is not None:
+        raise ValueError("--peak-tflops is for the model matrix's MFU, which --no-models leaves out: drop one")
 
 
 def _model_chart(png: str, result: dict) -> None:
@@ -612,8 +662,8 @@ def _model_chart(png: str, result: dict) -> None:
     variants = [v for v in benchmark.MODEL_VARIANTS if any("ms" in r.get(v, {}) for r in rows)]
     if not rows:
         return
-    series = {v: [r[r["best_unfused"]]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) else float("nan") for r in rows]
-              for v in variants}
+    series = _series_that_ran({v: [r[r["best_unfused"]]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) else float("nan")
+                                   for r in rows] for v in variants})
     try:
         plots.speedup_bars(png, [f"{r['model']} {r['mode']} B{r['batch']}" for r in rows], series,
                            title="SiT step: speed against the best unfused variant")
@@ -648,7 +698,7 @@ def cmd_demo(args) -> int:
         raise ValueError(f"--out {out} holds a training run, not a demo's: choose another --out")
     print(f"sit-ext demo: training a {cfg.depth}-block SiT (D={cfg.hidden_size}) on {cfg.data} for {steps} steps "
           f"on {device}; output in {out}")
-    summary = train(cfg, progress=not args.quiet, overwrite=demo_before)
+    summary = train(cfg, progress=not args.quiet, overwrite=demo_before, log=lambda line: None)  # its own header
     ema, transport = summary["ema"].eval(), summary["transport"]
     print(f"trained in {summary['seconds']:.0f} s ({summary['it_s']:.1f} it/s), final loss {summary['loss']:.4f}")
 
@@ -778,8 +828,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", nargs="+", help="op families (default: all)")
     bench.add_argument("--quick", action="store_true",
                        help="one size and batch per op, a small model, no torch.compile: under a minute")
-    bench.add_argument("--models", action=argparse.BooleanOptionalAction, default=True,
-                       help="also the SiT model matrix: train step and guided sampling step")
+    bench.add_argument("--models", action=argparse.BooleanOptionalAction,
+                       help="also the SiT model matrix: train step and guided sampling step (default: on)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile model variants")
     bench.add_argument("--peak-tflops", type=float,
                        help="the device's dense bf16 peak for MFU (default: the datasheet value of an H100, H200 "

@@ -107,7 +107,12 @@ def load_folder(path: str) -> Dataset:
         raise DataError(f"data folder {path!r} does not exist")
     names = sorted(f for f in os.listdir(path) if f.endswith((".npy", ".pt")) and not f.startswith("labels."))
     if not names:
-        raise DataError(f"data folder {path!r} holds no .npy or .pt arrays")
+        from .images import IMAGE_EXTENSIONS
+
+        pictures = any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(path) for f in files)
+        hint = (f": it holds images, which train reads as VAE latents: run sit-ext encode --images {path} --vae VAE "
+                "--out LATENTS first, then train with --data LATENTS") if pictures else ""
+        raise DataError(f"data folder {path!r} holds no .npy or .pt arrays{hint}")
     arrays = [_load_array(os.path.join(path, f)) for f in names]
     shapes = {tuple(a.shape) for a in arrays}
     if len(shapes) > 1:

@@ -20,6 +20,16 @@ from ._io import torch_load
 
 FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's name for the TF-compatible InceptionV3
 PRC_NEIGHBORHOOD = 3  # k of the k-NN balls of precision and recall (torch-fidelity's default)
+FEW_IMAGES = 2048  # the pool features' size: with fewer images a side's covariance is singular
+
+
+def few_images_warning(samples: int, ref: int) -> str | None:
+    """A one-line warning when either side has too few images for a meaningful FID, else None."""
+    if min(samples, ref) >= FEW_IMAGES:
+        return None
+    return (f"FID from {samples} samples against {ref} reference images: below {FEW_IMAGES} images on a side (the "
+            "feature size) the covariance is singular and the FID is biased upward; only FID-50K (50,000 samples "
+            "against the reference batch) is comparable to published figures")
 
 
 def _as_features(feats, name: str) -> Tensor:
@@ -113,7 +123,9 @@ def inception_features(net, images: np.ndarray, batch_size: int = 64, progress: 
     device = next(net.parameters()).device
     pools, logits = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
+        # A writable C-contiguous batch: a memory-mapped .npz is read-only, and torch warns on wrapping one.
+        x = torch.from_numpy(np.require(images[start : start + batch_size], requirements=["C", "W"]))
+        x = x.permute(0, 3, 1, 2)
         pool, logit = net(x.to(device))
         pools.append(pool.double())
         logits.append(logit.double())

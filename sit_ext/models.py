@@ -528,6 +528,12 @@ def read_safetensors(path: str | os.PathLike, map_location="cpu") -> tuple[dict[
         raise ValueError(f"cannot read {path!r} as safetensors: {str(e).splitlines()[0][:200]}") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(path: str | os.PathLike, state: Mapping[str, Tensor], metadata: dict[str, str]) -> None:
     """Writes contiguous copies of `state` with string `metadata`, through a
     temporary file renamed over `path`."""
@@ -539,6 +545,7 @@ def save_safetensors(path: str | os.PathLike, state: Mapping[str, Tensor], metad
     try:
         safetensors.torch.save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp,
                                     metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates it 0600; torch.save and open() follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

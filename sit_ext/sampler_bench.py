@@ -509,7 +509,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's own options (the caller adds --out, --quick and --device)."""
     parser.add_argument("--samples", type=int, help="samples per run (default 20000; 1000 with --quick)")
     parser.add_argument("--nfe", type=int, nargs="+", help=f"model evaluations (default {' '.join(map(str, NFES))})")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="(default: 0)")
     parser.add_argument("--digits", type=int, metavar="STEPS",
                         help="instead: train the digits demo's model for STEPS steps (1500: ~8 min on 2 CPU cores) "
                              "and score the baseline and the best new ODE setting on it against NFE")
@@ -523,9 +523,9 @@ def main(argv: list[str] | None = None, out: str = "bench-results") -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.digits:
-        run_digits(args.out, steps=args.digits, device=args.device, nfe=args.nfe, seed=args.seed)
+        run_digits(args.out, steps=args.digits, device=args.device, nfe=args.nfe, seed=args.seed or 0)
     else:
-        run(args.out, quick=args.quick, device=args.device, samples=args.samples, nfe=args.nfe, seed=args.seed)
+        run(args.out, quick=args.quick, device=args.device, samples=args.samples, nfe=args.nfe, seed=args.seed or 0)
     return 0
 
 

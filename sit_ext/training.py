@@ -17,6 +17,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ class TrainingInterrupted(Exception):
 class TrainConfig:
     data: str = "checkerboard"
     data_size: int = 50_000
-    model: str = "vector"  # "vector", or a preset such as "SiT-S/2" for image data
+    model: str | None = None  # "vector", or a preset such as "SiT-S/2" for image data; None: by the data
     hidden_size: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -107,8 +108,8 @@ class TrainConfig:
 
 
 # Defaults for the built-in data that learn in minutes on a CPU (the demo's settings).
-_TOY_DEFAULTS = {"hidden_size": 128, "depth": 4, "heads": 4, "lr": 1e-3, "batch_size": 512, "steps": 1200,
-                 "ema_decay": 0.995}
+_TOY_DEFAULTS = {"model": "vector", "hidden_size": 128, "depth": 4, "heads": 4, "lr": 1e-3, "batch_size": 512,
+                 "steps": 1200, "ema_decay": 0.995}
 DATA_DEFAULTS = {**{name: _TOY_DEFAULTS for name in data_lib.TOYS},
                  "digits": {**_TOY_DEFAULTS, "model": "SiT-S/2", "patch_size": 2, "batch_size": 256,
                             "steps": 1500}}
@@ -132,28 +133,82 @@ def resume_config(saved: TrainConfig, given: dict, source: str) -> TrainConfig:
 # ------------------------------------------------------------------ pieces
 
 
+def model_name(cfg: TrainConfig, ds: data_lib.Dataset) -> str:
+    """The model a run builds: cfg.model, or by the data when it is None
+    (SiT-S/2 for image data, else the vector model). A run saved before the
+    default followed the data holds "vector" for image data, and built SiT-S/2."""
+    if cfg.model is None or (cfg.model == "vector" and ds.kind == "image"):
+        return "SiT-S/2" if ds.kind == "image" else "vector"
+    return cfg.model
+
+
 def build_model(cfg: TrainConfig, ds: data_lib.Dataset) -> SiT:
     """The SiT for a data set: a preset (with size overrides) for images, the
     vector model otherwise."""
+    name = model_name(cfg, ds)
+    if name != "vector" and name not in SiT_models:
+        raise ValueError(f"unknown model {name!r} (--model): choose 'vector' or one of {sorted(SiT_models)}")
     if ds.kind == "image":
         _, channels, height, width = ds.x.shape
         if height != width:
             raise data_lib.DataError(f"image data must be square, got {height}x{width}")
-        name = "SiT-S/2" if cfg.model == "vector" else cfg.model
-        if name not in SiT_models:
-            raise ValueError(f"unknown model {name!r}: choose 'vector' or one of {sorted(SiT_models)}")
         overrides = {k: v for k, v in (("hidden_size", cfg.hidden_size), ("depth", cfg.depth),
                                        ("num_heads", cfg.heads), ("patch_size", cfg.patch_size)) if v is not None}
         return SiT_models[name](input_size=height, in_channels=channels, num_classes=ds.num_classes,
                                 learn_sigma=False, class_dropout_prob=cfg.class_dropout_prob, **overrides)
-    if cfg.model != "vector":
-        raise ValueError(f"model {cfg.model!r} is for image data; {ds.name} is {ds.kind} data: use --model vector")
+    if name != "vector":
+        raise ValueError(f"model {name!r} is for image data; {ds.name} is {ds.kind} data: use --model vector")
     def given(value, default):
         return default if value is None else value
 
     return SiT.build(ds.x.shape[-1], hidden_size=given(cfg.hidden_size, 256), num_layers=given(cfg.depth, 6),
                      num_heads=given(cfg.heads, 4), num_classes=ds.num_classes,
                      class_dropout_prob=cfg.class_dropout_prob, max_seq_len=ds.x.shape[1] if ds.x.dim() == 3 else 1)
+
+
+def unused_settings(cfg: TrainConfig, ds: data_lib.Dataset, given) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) for the fields in `given` (the flags a user set)
+    that this run would not use: each names its flag, and says where the
+    official code ignores it too."""
+    refuse, warn = [], []
+    velocity_on_linear = cfg.prediction == "velocity" and cfg.path in ("linear", "cosine", "gvp")
+    if "train_eps" in given and velocity_on_linear:
+        refuse.append(f"--train-eps has no effect with --path {cfg.path} and velocity prediction, which train on "
+                      "all of [0, 1] (the official code ignores it there too): drop it")
+    if "sample_eps" in given and velocity_on_linear:
+        warn.append(f"--sample-eps is used with --path {cfg.path} and velocity prediction only by SDE sampling "
+                    "with --diffusion-form SBDM or --last-step-size 0; the ODE and the other SDE settings ignore "
+                    "it, as the official code does")
+    if "loss_weight" in given and cfg.prediction == "velocity":
+        refuse.append("--loss-weight weights the noise and score losses; velocity prediction is unweighted (the "
+                      "official code ignores it too): drop it, or pass --prediction noise or score")
+    if "class_dropout_prob" in given and ds.num_classes is None:
+        refuse.append(f"--class-dropout-prob drops class labels for guidance, and {ds.name} has no labels: drop it")
+    if "patch_size" in given and ds.kind != "image":
+        refuse.append(f"--patch-size cuts images into patches; {ds.name} is {ds.kind} data, which the vector "
+                      "model reads whole: drop it")
+    if "data_size" in given and cfg.data not in data_lib.TOYS:
+        refuse.append(f"--data-size is how many points a 2-D toy draws; {ds.name} is read whole: drop it")
+    if given.get("model") == "vector" and ds.kind == "image":
+        refuse.append(f"--model vector is for points and vectors; {ds.name} holds images or latents "
+                      f"{list(ds.x.shape[1:])}: pass an image preset such as --model SiT-S/2 (the default for "
+                      "image data)")
+    return refuse, warn
+
+
+def describe_run(cfg: TrainConfig, ds: data_lib.Dataset, model: nn.Module, device: torch.device, bf16: bool,
+                 step: int) -> str:
+    """The line train prints before its progress bar."""
+    n_params = sum(p.numel() for p in model.parameters())
+    labels = f", {ds.num_classes} classes" if ds.num_classes is not None else ""
+    where = f"resumed at step {step} of {cfg.steps}" if step else f"{cfg.steps} steps"
+    name = model_name(cfg, ds)
+    name = "the vector SiT" if name == "vector" else name
+    return (f"sit-ext train: {name} ({n_params / 1e6:.2f} M parameters) on {ds.name} "
+            f"[{len(ds.x)} x {' x '.join(map(str, ds.x.shape[1:]))}{labels}], {device}, "
+            f"{'bf16 autocast' if bf16 else 'fp32'}, {'fused kernels' if cfg.fused else 'unfused (plain PyTorch)'}"
+            f"{', torch.compile' if cfg.compile else ''}{', CUDA graph' if cfg.cuda_graph else ''}; {where}; "
+            f"out {cfg.out}")
 
 
 def make_transport(cfg: TrainConfig) -> Transport:
@@ -425,23 +480,29 @@ def _trim_log(path: str, step: int) -> None:
         f.writelines(lines)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
-          log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+def train(cfg: TrainConfig | None, resume: str | None = None, progress: bool = True,
+          log: Callable[[str], None] = print, overwrite: bool = False, given: dict | None = None,
+          warn: Callable[[str], None] | None = None) -> dict:
     """Trains per `cfg`; returns a summary (steps, last loss, checkpoint, timing).
 
-    resume: a checkpoint to continue; its config defines the run, and cfg's
-    RUNTIME_FIELDS (steps, out, ...) apply. Without it, a cfg.out that already
-    holds a run is refused unless overwrite=True. Ctrl-C ends the step under
-    way, writes a checkpoint and raises TrainingInterrupted."""
+    given: the fields the user set (the CLI's flags). resume: a checkpoint to
+    continue; its config defines the run, merged with `given` by resume_config
+    (cfg's RUNTIME_FIELDS without it; cfg may then be None). Without resume,
+    a cfg.out that already holds a run is refused unless overwrite=True, and a
+    field in `given` that the run would not use is refused, or passed to `warn`
+    (default: warnings.warn) where it is used in part. `log` gets the header
+    line (model, data, device, precision). Ctrl-C ends the step under way,
+    writes a checkpoint and raises TrainingInterrupted."""
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        runtime = {name: getattr(cfg, name) for name in RUNTIME_FIELDS} if given is None else given
+        cfg = resume_config(TrainConfig.from_dict(ckpt["config"]), runtime, resume)
     rank, world, local_rank = _distributed()
     device = resolve_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ckpt = load_checkpoint(resume) if resume else None
     existing = os.path.join(cfg.out, "latest.pt")
     if ckpt is not None:
-        cfg = dataclasses.replace(TrainConfig.from_dict(ckpt["config"]),
-                                  **{name: getattr(cfg, name) for name in RUNTIME_FIELDS})
         if cfg.steps <= int(ckpt["step"]):
             raise ValueError(f"{resume} is already at step {ckpt['step']}: --steps {cfg.steps} leaves nothing to "
                              f"train; pass a larger --steps to continue")
@@ -463,12 +524,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     np.random.seed(cfg.seed + rank)
 
     ds = data_lib.load(cfg.data, cfg.data_size, seed=cfg.seed)
+    cfg = dataclasses.replace(cfg, model=model_name(cfg, ds))  # the config records the preset built
     model = build_model(cfg, ds).to(device)
     model.fused = cfg.fused
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   capturable=cfg.cuda_graph)
-    transport = make_transport(cfg)
+    transport = make_transport(cfg)  # refuses unknown values first
+    if ckpt is None and given is not None:
+        refuse, partly = unused_settings(cfg, ds, given)
+        if refuse:
+            raise ValueError(refuse[0])
+        for message in partly:
+            (warn or warnings.warn)(message)
     batches = ShardedBatches(len(ds.x), cfg.batch_size, rank, world, cfg.seed)
     step = 0
     if ckpt is not None:
@@ -513,6 +581,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
             os.remove(log_path)  # a run started again (overwrite=True) logs afresh
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if rank == 0:
+        log(describe_run(cfg, ds, model, device, bf16, step))
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -549,7 +619,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
 
     model.train()
     train_step: Callable[..., torch.Tensor] = eager_step
-    last_loss, t_start, steps_done = float("nan"), time.perf_counter(), 0
+    first_step, last_loss, t_start, steps_done = step, float("nan"), time.perf_counter(), 0
     window_start, window_steps = time.perf_counter(), 0
     # One process: the first Ctrl-C ends the step under way and checkpoints. Under torchrun the ranks
     # could stop at different steps and hang in a collective, so there Ctrl-C interrupts at once.
@@ -588,6 +658,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     elapsed = time.perf_counter() - t_start
     if world > 1:
         dist.barrier()
-    return {"steps": step, "loss": last_loss, "checkpoint": ckpt_path, "seconds": elapsed,
+    return {"steps": step, "first_step": first_step, "steps_done": steps_done, "loss": last_loss,
+            "checkpoint": ckpt_path, "seconds": elapsed,
             "it_s": steps_done / max(elapsed, 1e-9), "rank": rank, "world": world,
             "model": model, "ema": ema, "data": ds, "transport": transport, "config": cfg}

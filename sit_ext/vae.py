@@ -31,25 +31,44 @@ def _autoencoder_kl():
     return AutoencoderKL
 
 
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local folder of a Hub id already in the Hugging Face cache, or None.
+    Loading from it skips diffusers' hf_hub_download call, which passes
+    huggingface_hub an argument it warns is deprecated, on every load."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except (ImportError, OSError, ValueError):  # not installed, not cached, not a Hub id
+        return None
+
+
 def load_vae(name_or_path: str, device: str | torch.device = "cpu"):
     """An AutoencoderKL in eval mode, float32, on `device`."""
     AutoencoderKL = _autoencoder_kl()
-    subfolder = None
-    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        if not os.path.isfile(os.path.join(name_or_path, "vae", "config.json")):
-            raise FileNotFoundError(f"VAE folder {name_or_path!r} has neither config.json nor vae/config.json")
-        subfolder = "vae"
     download = os.environ.get("SIT_EXT_ALLOW_DOWNLOAD") == "1"
-    low_memory = importlib.util.find_spec("accelerate") is not None  # diffusers warns without it
-    try:
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, local_files_only=not download,
-                                            low_cpu_mem_usage=low_memory)
-    except (OSError, ValueError) as e:
+
+    def not_loaded(reason: str) -> FileNotFoundError:
         where = "a local folder or a Hub id in the local Hugging Face cache"
         hint = "" if download else " (downloads are off: set SIT_EXT_ALLOW_DOWNLOAD=1 to allow one)"
-        raise FileNotFoundError(f"cannot load the VAE {name_or_path!r} from {where}{hint}: "
-                                f"{str(e).splitlines()[0][:300]}") from None
-    return vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        return FileNotFoundError(f"cannot load the VAE {name_or_path!r} from {where}{hint}: {reason[:300]}")
+
+    folder = name_or_path if os.path.isdir(name_or_path) else _cached_snapshot(name_or_path)
+    if folder is None and not download:
+        raise not_loaded("it is neither a folder nor in the cache")
+    subfolder = None
+    if folder is not None and not os.path.isfile(os.path.join(folder, "config.json")):
+        if not os.path.isfile(os.path.join(folder, "vae", "config.json")):
+            raise FileNotFoundError(f"VAE folder {folder!r} has neither config.json nor vae/config.json")
+        subfolder = "vae"
+    low_memory = importlib.util.find_spec("accelerate") is not None  # diffusers warns without it
+    try:
+        # torch_dtype here, not .to(dtype) below: diffusers warns about a cast after loading.
+        vae = AutoencoderKL.from_pretrained(folder or name_or_path, subfolder=subfolder, local_files_only=not download,
+                                            low_cpu_mem_usage=low_memory, torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise not_loaded(str(e).splitlines()[0]) from None
+    return vae.to(device=device).eval().requires_grad_(False)
 
 
 def scaling_factor(vae) -> float:
@@ -81,18 +100,19 @@ def encode_folder(image_dir: str, vae_path: str, out: str, image_size: int = 256
     official recipe's random flip does on average), "random" one of the two
     (fast-DiT's feature extraction), "none" the image alone. Returns the index."""
     if flip not in FLIPS:
-        raise ValueError(f"flip must be one of {FLIPS}, got {flip!r}")
+        raise ValueError(f"flip (--flip) must be one of {FLIPS}, got {flip!r}")
     for name, value in (("image_size", image_size), ("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {value}")
     if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+        raise ValueError(f"seed (--seed) must be in [0, 2**31), got {seed}")
     paths, labels, classes = images_lib.list_image_folder(image_dir)
     vae = load_vae(vae_path, device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling
     if image_size % factor:
-        raise ValueError(f"image_size must be a multiple of {factor} (the VAE's downsampling factor), got "
-                         f"{image_size}: the latents would stand for a {image_size // factor * factor}-pixel image")
+        raise ValueError(f"image_size (--image-size) must be a multiple of {factor} (the VAE's downsampling "
+                         f"factor), got {image_size}: the latents would stand for a "
+                         f"{image_size // factor * factor}-pixel image")
     meta = {"vae": vae_path, "scaling_factor": scaling_factor(vae), "image_size": image_size, "flip": flip,
             "source": os.path.abspath(image_dir), "classes": classes,
             "num_classes": len(classes) if labels is not None else None}

@@ -207,6 +207,18 @@ def test_bench_smoke(tmp_path):
     assert any(n.endswith("-ops.json") for n in names) and any(n.endswith("-speedups.png") for n in names)
 
 
+def test_bench_quick_shows_a_dash_for_what_did_not_run(tmp_path, capsys, monkeypatch):
+    """--quick runs no torch.compile: its ratio is a dash, not nan, and the chart has no legend entry for it."""
+    from sit_ext import plots
+
+    charts = []
+    monkeypatch.setattr(plots, "speedup_bars", lambda path, labels, series, title="": charts.append(series))
+    assert run_cli("bench", "--quick", "--ops", "mse", "--no-models", "--device", "cpu", "--out", tmp_path) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mse ")]
+    assert len(rows) == 2 and all("nan" not in row and row.split()[-4] == "—" for row in rows), rows
+    assert [list(series) for series in charts] == [["vs eager"]]
+
+
 def test_sample_official_checkpoint(tmp_path):
     from sit_ext.models import SiT_models
 
@@ -308,3 +320,56 @@ def test_help_shows_every_default_once():
             assert "default: None" not in text, (name, action.option_strings, text)
             if action.default not in (None, False) and action.option_strings != ["-h", "--help"]:
                 assert "default" in text, (name, action.option_strings, text)
+
+
+def test_train_prints_a_header_and_a_latents_folder_gets_an_image_preset(tmp_path, capsys):
+    """Before the progress bar: model, parameter count, data, device, precision, fused. A folder of
+    [C, H, W] arrays trains SiT-S/2 without --model, and the run's config records that preset."""
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    for i in range(4):
+        np.save(folder / f"{i:02d}.npy", np.random.default_rng(i).standard_normal((2, 4, 4)).astype(np.float32))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert run_cli("train", "--data", folder, "--steps", 1, "--out", run, "--hidden-size", 32, "--depth", 1,
+                   "--heads", 2, "--batch-size", 2, "--device", "cpu", "--quiet") == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    model = training.build_model(training.TrainConfig(model="SiT-S/2", hidden_size=32, depth=1, heads=2),
+                                 training.data_lib.load(str(folder)))
+    params = sum(p.numel() for p in model.parameters())
+    assert header == (f"sit-ext train: SiT-S/2 ({params / 1e6:.2f} M parameters) on latents [4 x 2 x 4 x 4], cpu, "
+                      f"fp32, fused kernels; 1 steps; out {run}"), header
+    assert json.loads((run / "config.json").read_text())["model"] == "SiT-S/2"
+    assert training.load_checkpoint(str(run / "latest.pt"))["config"]["model"] == "SiT-S/2"
+
+
+def test_resume_reads_the_checkpoint_once_and_counts_its_own_steps(tmp_path, capsys, monkeypatch):
+    common = ["--data", "moons", "--out", tmp_path / "run", *TINY]
+    assert run_cli("train", "--steps", 3, *common) == 0
+    reads, merges = [], []
+    real_load, real_merge = training.torch_load, training.resume_config
+    monkeypatch.setattr(training, "torch_load", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(training, "resume_config", lambda *a, **k: merges.append(a) or real_merge(*a, **k))
+    capsys.readouterr()
+    assert run_cli("train", "--resume", "--steps", 5, *common) == 0
+    assert len(reads) == 1 and len(merges) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "resumed at step 3 of 5" in lines[0], lines
+    assert lines[-1].startswith("trained 2 steps (steps 3 to 5), loss "), lines
+
+
+def test_sample_eps_on_a_velocity_run_warns_once(tmp_path, capsys):
+    """--sample-eps with linear velocity is read only by some SDE settings: a one-line warning, not a refusal."""
+    assert run_cli("train", "--data", "moons", "--steps", 1, "--sample-eps", "0.01", "--out", tmp_path / "r",
+                   *TINY) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sit-ext train: warning: --sample-eps") and "official" in err[0], err
+
+
+def test_an_image_folder_given_as_data_points_to_encode(tmp_path, capsys):
+    from sit_ext import images as images_lib
+
+    (tmp_path / "pictures" / "cats").mkdir(parents=True)
+    images_lib.save_png(str(tmp_path / "pictures" / "cats" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    expect_clean_failure(capsys, "train", "--data", tmp_path / "pictures", "--out", tmp_path / "r", *TINY,
+                         fragment="sit-ext encode --images")

@@ -104,6 +104,46 @@ def vae_dir(tmp_path_factory):
     return path
 
 
+def test_vae_and_features_load_without_third_party_noise(vae_dir, tmp_path, monkeypatch, capfd):
+    """No warning and nothing on stderr: diffusers' cast warning (a dtype given to .to() after
+    loading), huggingface_hub's local_dir_use_symlinks warning (a Hub id from the cache), torch's
+    "not writable" warning (features of a read-only, memory-mapped array)."""
+    import warnings
+
+    import huggingface_hub
+
+    from sit_ext import vae as vae_lib
+
+    snapshot = tmp_path / "hub" / "models--sit-ext--tiny-vae" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in os.listdir(vae_dir):
+        (snapshot / f).write_bytes((vae_dir / f).read_bytes())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    np.save(tmp_path / "images.npy", np.zeros((3, 8, 8, 3), np.uint8))
+    read_only = np.load(tmp_path / "images.npy", mmap_mode="r")
+
+    def net(x):
+        assert x.dtype == torch.uint8 and x.shape == (2 if len(seen) == 0 else 1, 3, 8, 8)
+        seen.append(x)
+        return x.flatten(1).float(), x.flatten(1).float()[:, :4]
+
+    seen = []
+    net.parameters = lambda: iter([torch.zeros(1)])
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in (str(vae_dir), "sit-ext/tiny-vae"):
+            vae = vae_lib.load_vae(name)
+            assert next(vae.parameters()).dtype == torch.float32 and not vae.training
+        pool, _ = evaluate.inception_features(net, read_only, batch_size=2, progress=False)
+    assert pool.shape == (3, 192) and len(seen) == 2
+    assert capfd.readouterr().err == ""
+    with pytest.raises(FileNotFoundError, match="neither a folder nor in the cache"):
+        vae_lib.load_vae("sit-ext/not-cached")
+
+
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     from PIL import Image
@@ -348,6 +388,21 @@ def test_export_is_a_bit_exact_safetensors_round_trip(exported):
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
 
 
+def test_export_follows_the_umask_as_torch_save_does(exported, tmp_path):
+    """safetensors creates its file 0600; an export is as readable as the checkpoint it came from."""
+    from sit_ext.models import save_safetensors
+
+    previous = os.umask(0o027)
+    try:
+        assert run_cli("export", "--ckpt", exported[0], "--out", tmp_path / "a.safetensors") == 0
+        save_safetensors(tmp_path / "b.safetensors", {"w": torch.zeros(2)}, {})
+        torch.save({}, tmp_path / "c.pt")
+    finally:
+        os.umask(previous)
+    modes = [os.stat(tmp_path / name).st_mode & 0o777 for name in ("a.safetensors", "b.safetensors", "c.pt")]
+    assert modes == [0o640] * 3, [oct(m) for m in modes]
+
+
 def test_sample_with_vae_from_safetensors_needs_no_pickle(exported, vae_dir, tmp_path, monkeypatch):
     """Export, VAE and outputs are safetensors, PNG and .npy/.npz: sampling
     works with torch.load (the pickle reader) switched off."""
@@ -455,6 +510,26 @@ def test_feature_weights_are_read_without_running_code(tmp_path):
     with pytest.raises(ValueError, match="plain.pkl"):
         evaluate.read_weights(str(tmp_path / "plain.pkl"))
     assert not marker.exists()
+
+
+def test_evaluate_warns_about_few_images(tmp_path, capsys, monkeypatch):
+    """8 samples against 16 references: one warning line naming FID-50K; none at 2048 a side."""
+    rng = np.random.default_rng(0)
+    for name, n in (("s8", 8), ("r16", 16), ("s2048", 2048), ("r2048", 2048)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+    monkeypatch.setattr(evaluate, "inception", lambda weights, device: None)  # no torch-fidelity needed
+    monkeypatch.setattr(evaluate, "evaluate_images", lambda net, s, r, *a, **k: {
+        "fid": 1.0, "inception_score": 1.0, "inception_score_std": 0.0, "precision": 1.0, "recall": 1.0,
+        "samples": len(s), "ref": len(r)})
+    for samples, ref, warned in (("s8", "r16", True), ("s2048", "r2048", False)):
+        assert run_cli("evaluate", "--samples", tmp_path / f"{samples}.npz", "--ref", tmp_path / f"{ref}.npz",
+                       "--feature-weights", tmp_path / "unused.pth", "--device", "cpu", "--quiet") == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        if warned:
+            assert len(err) == 1 and err[0].startswith("sit-ext evaluate: warning: FID from 8 samples against 16")
+            assert "FID-50K" in err[0]
+        else:
+            assert err == []
 
 
 @pytest.fixture

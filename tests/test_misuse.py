@@ -18,6 +18,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sit_ext
 from sit_ext import SiT, cli, data, ops, training
@@ -95,6 +96,10 @@ def files(tmp_path_factory):
     (paths["evil_array"] / "zz.pt").write_bytes((root / "evil.pt").read_bytes())
     folder("zero_npy", good[:2])
     (paths["zero_npy"] / "zz.npy").write_bytes(b"")
+    folder("good_arrays", good)
+    paths["pictures"] = root / "pictures"
+    (paths["pictures"] / "cats").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(paths["pictures"] / "cats" / "a.png")
     return paths
 
 
@@ -425,6 +430,27 @@ def cli_rows():
         ("demo device", ["demo", "--device", "foo", "--out", "{root}/demo"], "--device"),
         ("unwritable out", ["train", "--data", "moons", "--out", "{root}/unwritable/run"],
          os.path.join("unwritable", "run", "config.json")),
+        # Misleading messages, and flags that were accepted and ignored (issue 21).
+        ("unknown model on points", ["train", "--data", "moons", "--model", "SiT-Q/2", *out],
+         "unknown model 'SiT-Q/2'"),
+        ("image folder as data", ["train", "--data", "{pictures}", *out], "sit-ext encode"),
+        ("train eps on linear velocity", ["train", "--data", "moons", "--train-eps", "0.01", *out], "--train-eps"),
+        ("loss weight with velocity", ["train", "--data", "moons", "--loss-weight", "velocity", *out], "--loss-weight"),
+        ("class dropout without labels", ["train", "--data", "moons", "--class-dropout-prob", "0.2", *out],
+         "--class-dropout-prob"),
+        ("patch size on points", ["train", "--data", "moons", "--patch-size", "2", *out], "--patch-size"),
+        ("data size with digits", ["train", "--data", "digits", "--data-size", "100", *out], "--data-size"),
+        ("data size with a folder", ["train", "--data", "{good_arrays}", "--data-size", "4", *out], "--data-size"),
+        ("vector model on latents", ["train", "--data", "{good_arrays}", "--model", "vector", *out], "--model vector"),
+        ("ckpt with image size", [*sample, "--image-size", "64"], "--image-size"),
+        ("ckpt with model", [*sample, "--model", "SiT-S/2"], "--model"),
+        ("bench ops with samplers", ["bench", "--samplers", "--ops", "mse", "--out", "{root}/bench"], "--ops"),
+        ("bench samples without samplers", ["bench", "--samples", "100", "--out", "{root}/bench"], "--samples"),
+        ("bench quick with digits", ["bench", "--digits", "5", "--quick", "--out", "{root}/bench"], "--quick"),
+        ("bench nfe with dispatch", ["bench", "--dispatch", "--nfe", "4", "--out", "{root}/bench"], "--nfe"),
+        ("bench two modes", ["bench", "--samplers", "--dispatch", "--out", "{root}/bench"], "two benchmarks"),
+        ("bench peak without models", ["bench", "--no-models", "--peak-tflops", "900", "--out", "{root}/bench"],
+         "--peak-tflops"),
     ]
     return rows
 

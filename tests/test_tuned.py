@@ -122,3 +122,37 @@ def test_refusals(tmp_path):
         initial_sampler(transport, 5, "heun")
     with pytest.raises(ValueError, match="noise_batches"):
         tune_sampler(transport, model, [noise(4, 0)], 4, progress=False)
+
+
+def test_cli_tune_then_sample(tmp_path, capsys):
+    """tune-sampler writes the checkpoint's digest and path, the NFE, the base
+    and the guidance into the file; sample --sampler draws with it (the sampler's
+    NFE exactly), and --force goes past a mismatch with one warning line."""
+    from sit_ext import cli
+
+    run, out = tmp_path / "run", str(tmp_path / "s.safetensors")
+    tiny = ["--hidden-size", "32", "--depth", "1", "--heads", "2", "--batch-size", "16", "--device", "cpu", "--quiet"]
+    assert cli.main(["train", "--data", "moons", "--steps", "2", "--out", str(run), *tiny]) == 0
+    ckpt = str(run / "latest.pt")
+    assert cli.main(["tune-sampler", "--ckpt", ckpt, "--nfe", "2", "--samples", "4", "--held-out", "2",
+                     "--iterations", "1", "--reference-steps", "2", "--device", "cpu", "--quiet", "--out", out]) == 0
+    sampler = load_sampler(out)
+    assert sampler.settings["checkpoint_digest"] == cli._file_digest(ckpt)
+    assert sampler.settings["checkpoint"] == ckpt and sampler.settings["weights"] == "ema"
+    assert (sampler.nfe, sampler.base, sampler.settings["cfg_scale"]) == (2, "adams", 1.0)
+    capsys.readouterr()
+    assert cli.main(["sample", "--ckpt", ckpt, "--sampler", out, "--num-samples", "4", "--device", "cpu",
+                     "--quiet", "--out", str(tmp_path / "a")]) == 0
+    import argparse
+
+    import numpy as np
+
+    model, transport, shape, *_ = cli._load_sampler(argparse.Namespace(ckpt=ckpt, official=None, weights="ema",
+                                                                       num_samples=4, fused=True), "cpu")
+    z = torch.randn(4, *shape, generator=torch.Generator("cpu").manual_seed(0))  # sample's noise for --seed 0
+    drawn = torch.from_numpy(np.load(tmp_path / "a" / "samples.npz")["samples"])
+    assert torch.equal(drawn, transport.sample_ode(model, z, sampler=sampler))
+    assert cli.main(["sample", "--ckpt", ckpt, "--sampler", out, "--weights", "model", "--force", "--num-samples",
+                     "4", "--device", "cpu", "--quiet", "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "--weights" in err[0]

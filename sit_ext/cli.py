@@ -1,5 +1,5 @@
 """The ``sit-ext`` command (also ``python -m sit_ext``): info, train, sample,
-encode, export, evaluate, bench and demo. Run ``sit-ext <command> --help`` for the options."""
+tune-sampler, encode, export, evaluate, bench and demo. Run ``sit-ext <command> --help`` for the options."""
 
 from __future__ import annotations
 
@@ -150,6 +150,8 @@ def _sample_batch(transport, model, z, labels, args, gen, progress):
     """One batch from the noise z, ODE or SDE as asked (gen: the SDE's noise)."""
     common = dict(model_kwargs={"y": labels} if labels is not None else None, cfg_scale=args.cfg_scale,
                   cfg_interval=tuple(args.cfg_interval), progress=progress, cuda_graph=args.cuda_graph)
+    if args.tuned is not None:
+        return transport.sample_ode(model, z, sampler=args.tuned, **common)
     common |= dict(schedule=args.schedule, schedule_param=args.schedule_param)
     if args.method == "ode":
         return transport.sample_ode(model, z, method=args.solver, num_steps=args.steps, atol=args.atol,
@@ -363,7 +365,7 @@ def _sample_images(args) -> int:
     return 0
 
 
-_RUN_ONLY = ("num_samples", "batch_size", "device", "fused", "quiet", "out", "fn", "command")
+_RUN_ONLY = ("num_samples", "batch_size", "device", "fused", "quiet", "out", "fn", "command", "tuned", "force")
 
 
 def _file_digest(path: str) -> str:
@@ -408,10 +410,43 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"--seed must be in [0, 2**31), got {seed}")
 
 
+def _tuned_sampler(args):
+    """The --sampler file, checked against this run: the solver and its steps
+    are the sampler's (other values are refused); another checkpoint, --weights
+    or guidance is refused unless --force, which warns and goes on."""
+    from .tuned import load_sampler, mismatches
+
+    if args.method != "ode":
+        raise ValueError("--sampler is an ODE sampler: drop --method sde")
+    if args.solver is not None or args.schedule != "uniform" or args.schedule_param is not None:
+        raise ValueError("--sampler sets the solver and its time grid: drop --solver, --schedule and --schedule-param")
+    sampler = load_sampler(args.sampler)
+    if args.steps is not None and args.steps != sampler.settings["steps"]:
+        raise ValueError(f"--sampler {args.sampler} was fitted for {sampler.nfe} NFE ({sampler.settings['steps']} "
+                         f"{sampler.base} steps), not --steps {args.steps}: drop --steps, or tune one for that NFE")
+    used = {"checkpoint_digest": _file_digest(args.ckpt or args.official), "weights": args.weights,
+            "cfg_scale": args.cfg_scale, "cfg_interval": [float(v) for v in args.cfg_interval]}
+    names = {"checkpoint_digest": "the checkpoint's contents", "weights": "--weights", "cfg_scale": "--cfg-scale",
+             "cfg_interval": "--cfg-interval"}
+    problems = [f"{names[p.split(':')[0]]} ({p.split(': ', 1)[1]})" for p in mismatches(sampler, **used)]
+    if problems:
+        message = (f"--sampler {args.sampler} was fitted for other settings: {'; '.join(problems)}"
+                   f" (fitted to {sampler.settings.get('checkpoint')})")
+        if not args.force:
+            raise ValueError(message + "; pass --force to use it anyway")
+        print(f"sit-ext sample: warning: {message}", file=sys.stderr)
+    return sampler
+
+
 def cmd_sample(args) -> int:
     for flag, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.force and not args.sampler:
+        raise ValueError("--force overrides a --sampler's checks: pass --sampler")
+    args.tuned = _tuned_sampler(args) if args.sampler else None
+    args.solver = args.solver or "heun"
+    args.steps = (args.tuned.settings["steps"] if args.tuned else 50) if args.steps is None else args.steps
     if args.method == "sde" and args.solver not in ("euler", "heun"):  # it once ran Euler-Maruyama instead
         raise ValueError(f"--solver {args.solver} is not an SDE solver: --method sde takes euler or heun")
     _check_seed(args.seed)
@@ -441,7 +476,8 @@ def cmd_sample(args) -> int:
 
     adaptive = args.method == "ode" and args.solver not in (*ODE_FIXED, "adams", *TORCHDIFFEQ_FIXED)
     steps = f"atol {args.atol:g}, rtol {args.rtol:g}" if adaptive else f"{args.steps} steps"
-    title = f"{args.method.upper()} {args.solver}, {steps}" + (
+    solver = f"tuned {args.tuned.base}" if args.tuned else args.solver
+    title = f"{args.method.upper()} {solver}, {steps}" + (
         f", cfg {args.cfg_scale:g}" if args.cfg_scale != 1.0 else "")
     written = write_samples(args.out, samples, labels, kind, title, reference)
     print(f"{args.num_samples} samples in {seconds:.1f} s: " + ", ".join(written))
@@ -457,12 +493,12 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--method", default="ode", choices=["ode", "sde"])
-    p.add_argument("--solver", default="heun",
-                   help="ode: euler, heun, adams (one evaluation a step), rk4, dopri5, ...; sde: euler, heun")
+    p.add_argument("--solver", help="ode: euler, heun, adams (one evaluation a step), rk4, dopri5, ...; sde: euler, "
+                                    "heun (default heun)")
     p.add_argument("--schedule", default="uniform", choices=["uniform", "shift", "power"],
                    help="the time grid of fixed-step solvers")
     p.add_argument("--schedule-param", type=float, help="shift s or power rho (default: the schedule's)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, help="steps of a fixed-step solver (default 50; with --sampler, its own)")
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--diffusion-form", default="sigma",
@@ -484,6 +520,82 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                                  "OUT/images/*.png (kept on a rerun: it resumes), OUT/samples.npz (ADM layout), "
                                  "OUT/samples.png; runs under torchrun")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--sampler", help="a sampler tuned to this checkpoint (sit-ext tune-sampler): its solver, grid and "
+                                     "steps")
+    p.add_argument("--force", action="store_true",
+                   help="use --sampler with another checkpoint, --weights or guidance than it was fitted for")
+
+
+# ----------------------------------------------------------- tune-sampler
+
+
+def cmd_tune_sampler(args) -> int:
+    from .tuned import initial_sampler, save_sampler, tune_sampler
+
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out must name a .safetensors file, got {args.out!r}")
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a folder")
+    for flag, value, least in (("--nfe", args.nfe, 2), ("--samples", args.samples, 2), ("--held-out", args.held_out, 1),
+                               ("--iterations", args.iterations, 1), ("--reference-steps", args.reference_steps, 2)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.base == "heun" and args.nfe % 2:
+        raise ValueError(f"--nfe must be even with --base heun (2 evaluations a step), got {args.nfe}")
+    if args.cfg_scale == 1.0 and tuple(args.cfg_interval) != (0.0, 1.0):
+        raise ValueError("--cfg-interval limits guidance, and there is none: pass --cfg-scale too")
+    if args.schedule_param is not None and args.schedule == "uniform":
+        raise ValueError("--schedule-param sets the shift or power of --schedule shift or power; the uniform "
+                         "schedule has none")
+    _check_seed(args.seed)
+    device = resolve_device(args.device)
+    model, transport, shape, _, num_classes, _ = _load_sampler(args, device)
+    initial_sampler(transport, args.nfe, args.base, args.schedule, args.schedule_param)  # bad settings fail here
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sizes = [args.samples // 2, args.samples - args.samples // 2, args.held_out]
+    labels = _labels(args, num_classes, sum(sizes), device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    noise = torch.randn(sum(sizes), *shape, device=device, generator=gen)
+    ends = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    batches = [noise[a:b] for a, b in zip(ends, ends[1:])]
+    kwargs = [{"y": labels[a:b]} if labels is not None else None for a, b in zip(ends, ends[1:])]
+    reference = {"method": "adams", "num_steps": args.reference_steps, "schedule": "shift", "schedule_param": 0.5}
+    sampler = tune_sampler(transport, model, batches, args.nfe, args.base, schedule=args.schedule,
+                           schedule_param=args.schedule_param, model_kwargs=kwargs, cfg_scale=args.cfg_scale,
+                           cfg_interval=tuple(args.cfg_interval), reference=reference, iterations=args.iterations,
+                           progress=not args.quiet)
+    sampler.settings |= {"checkpoint": os.path.abspath(args.ckpt), "checkpoint_digest": _file_digest(args.ckpt),
+                         "weights": args.weights, "labels": args.labels}
+    save_sampler(args.out, sampler)
+    s = sampler.settings
+    verdict = "accepted" if s["accepted"] else "not better than the start on held-out noise: the start kept"
+    print(f"tuned {args.base} sampler, {args.nfe} NFE: held-out RMS {s['heldout_rms']:.4g} against "
+          f"{s['base_heldout_rms']:.4g} at the start ({verdict}); {s['iterations']} fit evaluations, "
+          f"{s['fit_evaluations'] + s['other_evaluations']} model rows, {s['seconds']:.1f} s: {args.out}")
+    return 0
+
+
+def _add_tune_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="a sit_ext checkpoint (latest.pt of a run) or its export")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--nfe", type=int, default=8, help="model evaluations of the sampler")
+    p.add_argument("--base", default="adams", choices=["adams", "heun"], help="the solver it starts from")
+    p.add_argument("--schedule", default="shift", choices=["uniform", "shift", "power"], help="the starting grid")
+    p.add_argument("--schedule-param", type=float, default=0.5, help="its shift s or power rho")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance the sampler is fitted for")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("T_LO", "T_HI"))
+    p.add_argument("--labels", type=int, nargs="+", help="class labels to cycle through (default: all)")
+    p.add_argument("--samples", type=int, default=256, help="trajectories fitted (two batches)")
+    p.add_argument("--held-out", type=int, default=128, help="trajectories for early stopping and acceptance")
+    p.add_argument("--iterations", type=int, default=200, help="most loss-and-gradient evaluations (L-BFGS)")
+    p.add_argument("--reference-steps", type=int, default=256, help="Adams steps of the accurate solve")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(official=None, model=None, image_size=None, num_samples=1)
 
 
 # ---------------------------------------------------- encode, export, evaluate
@@ -581,6 +693,10 @@ def cmd_bench(args) -> int:
     unknown = sorted(set(args.ops or ()) - set(benchmark.OP_FAMILIES))
     if unknown:
         raise ValueError(f"--ops: unknown op families {unknown}: choose from {sorted(benchmark.OP_FAMILIES)}")
+    if args.tuned:
+        args.device = str(device)
+        sampler_bench.run_tuned(args)
+        return 0
     if args.digits is not None:
         sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed or 0)
         return 0
@@ -631,13 +747,14 @@ _BENCH_FLAGS = {"the kernel and model benchmark": ("--ops", "--quick", "--models
                                                    "--device"),
                 "--samplers": ("--quick", "--samples", "--nfe", "--seed", "--device"),
                 "--digits": ("--nfe", "--seed", "--device"),
+                "--tuned": ("--nfe", "--seed", "--device"),  # with --digits STEPS: the digits model
                 "--dispatch": ()}
 
 
 def _check_bench_flags(args) -> None:
     """One mode at a time, and only its own flags: another mode's would be ignored."""
-    modes = [m for m, on in (("--samplers", args.samplers), ("--digits", args.digits is not None),
-                             ("--dispatch", args.dispatch)) if on]
+    modes = [m for m, on in (("--samplers", args.samplers), ("--digits", args.digits is not None and not args.tuned),
+                             ("--tuned", args.tuned), ("--dispatch", args.dispatch)) if on]
     if len(modes) > 1:
         raise ValueError(f"{modes[0]} and {modes[1]} are two benchmarks: run one at a time")
     mode = modes[0] if modes else "the kernel and model benchmark"
@@ -822,6 +939,9 @@ def parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample from a checkpoint")
     _add_sample_args(sample)
     sample.set_defaults(fn=cmd_sample)
+    tune = sub.add_parser("tune-sampler", help="fit an ODE sampler to a checkpoint: few evaluations, its own grid")
+    _add_tune_sampler_args(tune)
+    tune.set_defaults(fn=cmd_tune_sampler)
     _add_image_commands(sub)
     bench = sub.add_parser("bench", help="kernel and model benchmarks: table, JSON, PNG chart")
     bench.add_argument("--device", default="auto")

@@ -513,6 +513,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--digits", type=int, metavar="STEPS",
                         help="instead: train the digits demo's model for STEPS steps (1500: ~8 min on 2 CPU cores) "
                              "and score the baseline and the best new ODE setting on it against NFE")
+    parser.add_argument("--tuned", action="store_true",
+                        help="tuned samplers (sit_ext.tuned) against fixed ones, 3 draws: the mixture on the linear "
+                             "and cosine paths, or with --digits STEPS the digits model (see sit_ext.tuned_bench)")
+
+
+def run_tuned(args) -> None:
+    """--tuned: the mixture, or the digits model with --digits STEPS (sit_ext.tuned_bench)."""
+    from . import tuned_bench
+
+    if args.device != "cpu":
+        raise ValueError("--tuned runs on the CPU: pass --device cpu")
+    _check_sizes(nfe=args.nfe, steps=args.digits)
+    seed = args.seed or 0
+    if args.digits:
+        tuned_bench.run_digits(args.out, steps=args.digits, nfes=args.nfe, seed=seed)
+    else:
+        tuned_bench.run_mixture(args.out, nfes=args.nfe, seed=seed)
 
 
 def main(argv: list[str] | None = None, out: str = "bench-results") -> int:
@@ -522,7 +539,9 @@ def main(argv: list[str] | None = None, out: str = "bench-results") -> int:
     parser.add_argument("--device", default="cpu")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.digits:
+    if args.tuned:
+        run_tuned(args)
+    elif args.digits:
         run_digits(args.out, steps=args.digits, device=args.device, nfe=args.nfe, seed=args.seed or 0)
     else:
         run(args.out, quick=args.quick, device=args.device, samples=args.samples, nfe=args.nfe, seed=args.seed or 0)

@@ -42,6 +42,21 @@ from . import ops
 from . import reference as ref
 from .cuda_graphs import GraphedField, check_device
 from .schedules import Schedule, get_schedule, per_sample
+from .solvers import (
+    Field,
+    TunedSampler,
+    _choose,
+    _finish,
+    _odeint,
+    _progress,
+    adams_sample,
+    fixed_step_sample,
+    ode_step,
+    sde_sample,
+    sde_step,
+    time_grid,
+    tuned_sample,
+)
 
 PREDICTIONS = ("velocity", "noise", "score")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
@@ -51,11 +66,9 @@ ODE_FIXED = ("euler", "heun")
 # torchdiffeq's fixed-step methods: they step on the same grid (num_steps steps) as "euler" and "heun".
 TORCHDIFFEQ_FIXED = ("midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 SDE_METHODS = ("euler", "heun")
-STEP_SCHEDULES = {"uniform": None, "shift": 3.0, "power": 2.0}  # name: default schedule_param
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 
-Field = Callable[[Tensor, Tensor], Tensor]
 
 
 def _count(name: str, value, minimum: int) -> None:
@@ -84,49 +97,6 @@ def _interval_arg(name: str, interval) -> tuple[float, float]:
         raise ValueError(f"{name} must satisfy 0 <= lo <= hi <= 1, got {interval!r}")
     return lo, hi
 
-
-def _choose(name: str, value, options) -> None:
-    if value not in options:
-        raise ValueError(f"unknown {name} {value!r}: expected one of {list(options)}")
-
-
-def time_grid(start: float, end: float, num_points: int, schedule: str = "uniform", param: float | None = None,
-              device=None) -> Tensor:
-    """num_points times (float32) from start to end, both included. With u
-    uniform on [0, 1] (0 at lo = min(start, end), the data end):
-
-    - "uniform": torch.linspace(start, end, num_points);
-    - "shift": t = lo + (hi - lo) s u / (1 + (s - 1) u), the timestep shift of flow
-      models (param s, default 3): s > 1 puts the steps at the noise end, s < 1 at
-      the data end;
-    - "power": t = (lo^(1/rho) + u (hi^(1/rho) - lo^(1/rho)))^rho, EDM's spacing
-      rule applied to t (param rho, default 2): steps concentrated at the data end.
-    """
-    _choose("schedule", schedule, STEP_SCHEDULES)
-    if schedule == "uniform":
-        return torch.linspace(start, end, num_points, device=device, dtype=torch.float32)
-    p = STEP_SCHEDULES[schedule] if param is None else float(param)
-    if not p > 0:
-        raise ValueError(f"schedule_param must be > 0, got {param}")
-    lo, hi = min(start, end), max(start, end)
-    u = torch.linspace(0, 1, num_points, dtype=torch.float64)
-    u = u.flip(0) if start > end else u
-    if schedule == "shift":
-        t = lo + (hi - lo) * p * u / (1 + (p - 1) * u)
-    else:
-        t = (lo ** (1 / p) + u * (hi ** (1 / p) - lo ** (1 / p))) ** p
-    t[0], t[-1] = start, end
-    return t.to(device=device, dtype=torch.float32)
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as e:  # pragma: no cover - tqdm is a dependency
-        raise ImportError("progress=True needs tqdm: pip install tqdm") from e
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 class Transport:
@@ -337,7 +307,7 @@ class Transport:
                    model_kwargs: dict | None = None, cfg_scale: float = 1.0,
                    cfg_interval: tuple[float, float] = (0.0, 1.0), null_label: int | None = None,
                    progress: bool = False, return_trajectory: bool = False, compile: bool = False,
-                   cuda_graph: bool = False):
+                   cuda_graph: bool = False, sampler: TunedSampler | None = None):
         """Integrates the probability-flow ODE from noise (t = 1) to data (t = 0),
         or with reverse=True from data to noise. method: on a grid of num_steps
         steps spaced by `schedule` ("uniform", "shift", "power"; see ``time_grid``),
@@ -349,6 +319,9 @@ class Transport:
         the field (the model, guidance included, and the velocity) in one CUDA
         graph on its first evaluation and replays it on every later one (euler,
         heun and adams; the capture costs a few extra evaluations per call).
+        sampler: a ``TunedSampler`` fitted to this model
+        (``sit_ext.tuned.tune_sampler``), which replaces method, num_steps and
+        schedule; it was fitted for one guidance setting, which the caller keeps.
         Returns x at the end, or every grid point with return_trajectory=True."""
         _tensor_arg("noise", noise)
         _count("num_steps", num_steps, 1)
@@ -357,6 +330,16 @@ class Transport:
             _check_graph_sampling("sample_ode", noise, compile, method, (*ODE_FIXED, "adams"))
             field = GraphedField(field, "sample_ode(cuda_graph=True)")
         lo, hi = self.interval(sample=True)
+        if sampler is not None:
+            if not isinstance(sampler, TunedSampler):
+                raise TypeError(f"sampler must be a TunedSampler, got {type(sampler).__name__}")
+            if reverse or list(sampler.settings["interval"]) != [hi, lo]:
+                raise ValueError(f"the sampler integrates from t = {sampler.settings['interval'][0]} to "
+                                 f"{sampler.settings['interval'][1]}; this transport samples from {hi} to {lo}"
+                                 + (" (reverse=True)" if reverse else ""))
+            if compile:
+                raise ValueError("compile=True compiles the fixed-step solvers; a tuned sampler runs eagerly")
+            return tuned_sample(field, noise, sampler, progress, return_trajectory)
         t0, t1 = (lo, hi) if reverse else (hi, lo)
         if method not in (*ODE_FIXED, "adams", *TORCHDIFFEQ_FIXED):
             if schedule != "uniform":
@@ -371,13 +354,7 @@ class Transport:
         if method == "adams":
             field = field if not compile else torch.compile(field, dynamic=False)
             return adams_sample(field, noise, grid, progress, return_trajectory)
-        step = ode_step if not compile else torch.compile(ode_step, dynamic=False)
-        x, path = noise, [noise]
-        for i in _progress(range(num_steps), progress, "ODE"):
-            x = step(field, x, grid[i], grid[i + 1], method)
-            if return_trajectory:
-                path.append(x)
-        return _finish(x, path, noise.dtype, return_trajectory)
+        return fixed_step_sample(field, noise, grid, method, progress, return_trajectory, compile)
 
     # --------------------------------------------------------------- SDE
 
@@ -439,16 +416,10 @@ class Transport:
         lo, hi = self.interval(sample=True, sde=True, diffusion_form=diffusion_form,
                                last_step_size=last_step_size if last_step else 0.0)
         grid = time_grid(hi, lo, num_steps, schedule, schedule_param, noise.device)
-        step = sde_step if not compile else torch.compile(sde_step, dynamic=False)
         skip_last_correction = method == "heun" and self._conversion_singular(lo, noise.device)
-        x, path = noise, [noise]
-        for i in _progress(range(num_steps - 1), progress, "SDE"):
-            z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-            correct = not (skip_last_correction and i == num_steps - 2)
-            x = step(drift, self.diffusion, x, z, grid[i], grid[i + 1], method, diffusion_form, diffusion_norm,
-                     correct)
-            if return_trajectory:
-                path.append(x)
+        path = [noise]
+        x = sde_sample(drift, self.diffusion, noise, grid, method, diffusion_form, diffusion_norm,
+                       skip_last_correction, generator, progress, path if return_trajectory else None, compile)
         if last_step is not None:
             t = grid[-1].expand(x.shape[0])
             d, v, s = drift(x, t)
@@ -525,13 +496,6 @@ def _divergence(v: Tensor, x: Tensor, probes: Tensor | None) -> Tensor:
     return total / len(probes)
 
 
-def _axpy(a: Tensor, y, x):
-    """a * y + x, for a tensor state or a tuple of them (the likelihood's)."""
-    if isinstance(x, tuple):
-        return tuple(a * yi + xi for yi, xi in zip(y, x))
-    return a * y + x
-
-
 def _check_graph_sampling(what: str, noise: Tensor, compile: bool, method: str, methods: tuple[str, ...]) -> None:
     """What a captured field cannot do, refused in one line before any work."""
     if compile:
@@ -541,115 +505,6 @@ def _check_graph_sampling(what: str, noise: Tensor, compile: bool, method: str, 
         raise ValueError(f"{what}: cuda_graph=True needs a fixed-step method ({', '.join(methods)}), got "
                          f"{method!r}: torchdiffeq's solvers choose their steps and evaluation points on the host")
     check_device(noise.device, f"{what}(cuda_graph=True)")
-
-
-def ode_step(field, x, t_cur: Tensor, t_next: Tensor, method: str):
-    """One Euler or Heun step of dx/dt = field(x, t [B]) from t_cur to t_next
-    (0-d tensors, so the step never syncs with the host)."""
-    batch = (x[0] if isinstance(x, tuple) else x).shape[0]
-    dt = t_next - t_cur
-    d1 = field(x, t_cur.expand(batch))
-    x_euler = _axpy(dt, d1, x)
-    if method == "euler":
-        return x_euler
-    d2 = field(x_euler, t_next.expand(batch))
-    if isinstance(x, tuple):
-        return _axpy(dt / 2, tuple(a + b for a, b in zip(d1, d2)), x)
-    return _axpy(dt / 2, d1 + d2, x)
-
-
-def adams_sample(field: Field, x: Tensor, grid: Tensor, progress: bool = False, return_trajectory: bool = False):
-    """Integrates dx/dt = field(x, t [B]) over `grid` with one evaluation per
-    step: an Adams-Bashforth 2 predictor and an Adams-Moulton 3 corrector in PEC
-    mode (the evaluation at the predicted point serves the corrector and the next
-    predictor). With h = t_next - t, h_p the previous step, v_p, v, v_n the field at
-    the previous, current and predicted points:
-
-    - predictor: x + h ((1 + r / 2) v - (r / 2) v_p), r = h / h_p (Euler on the first step);
-    - corrector: x + w_n v_n + (h - w_n - w_p) v + w_p v_p, the integral of the
-      quadratic through the three, w_n = h (2 h + 3 h_p) / (6 (h + h_p)),
-      w_p = -h^3 / (6 h_p (h + h_p)) (the trapezoid on the first step);
-    - the last step keeps its prediction (a correction would cost an evaluation).
-    """
-    h = torch.diff(grid.double().cpu()).tolist()
-    batch, path = x.shape[0], [x]
-    v = field(x, grid[0].expand(batch))
-    v_p = None
-    for i in _progress(range(len(h)), progress, "ODE"):
-        dt, dt_p = h[i], h[i - 1] if i else None
-        x_pred = x + dt * v if v_p is None else x + dt * ((1 + dt / (2 * dt_p)) * v - dt / (2 * dt_p) * v_p)
-        if i == len(h) - 1:
-            x = x_pred
-        else:
-            v_n = field(x_pred, grid[i + 1].expand(batch))
-            if v_p is None:
-                x = x + dt / 2 * (v + v_n)
-            else:
-                w_n, w_p = dt * (2 * dt + 3 * dt_p) / (6 * (dt + dt_p)), -(dt**3) / (6 * dt_p * (dt + dt_p))
-                x = x + w_n * v_n + (dt - w_n - w_p) * v + w_p * v_p
-            v_p, v = v, v_n
-        if return_trajectory:
-            path.append(x)
-    return _finish(x, path, path[0].dtype, return_trajectory)
-
-
-def _finish(x: Tensor, path: list[Tensor], dtype: torch.dtype, trajectory: bool) -> Tensor:
-    """The samples in the noise's dtype (a step may promote them: float16
-    noise with a model that predicts in bfloat16 or float32), or the trajectory
-    stacked in it, outside autocast (whose stack refuses float16 beside a
-    bfloat16 autocast)."""
-    if not trajectory:
-        return x.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        return torch.stack([p.to(dtype) for p in path])
-
-
-def sde_step(drift, diffusion, x: Tensor, z: Tensor, t_cur: Tensor, t_next: Tensor, method: str,
-             form: str, norm: float, correct: bool = True) -> Tensor:
-    """One Euler-Maruyama or stochastic Heun step toward the data, from t_cur
-    down to t_next, with standard normal noise z. correct=False stops Heun after
-    its predictor (for a step that ends where the drift is singular)."""
-    batch = x.shape[0]
-    h = t_cur - t_next
-    t = t_cur.expand(batch)
-    noise = per_sample(torch.sqrt(2 * diffusion(t, form, norm) * h), x) * z
-    if method == "euler":
-        return x + drift(x, t)[0] * h + noise
-    x_hat = x + noise
-    k1 = drift(x_hat, t)[0]
-    if not correct:
-        return x_hat + h * k1
-    k2 = drift(x_hat + h * k1, t_next.expand(batch))[0]
-    return x_hat + h / 2 * (k1 + k2)
-
-
-def _odeint(field, x0, times: Tensor, method: str, atol: float, rtol: float, trajectory: bool):
-    """torchdiffeq's odeint through `times` (float64): the grid of a fixed-step
-    method, or the two ends for an adaptive one. Adaptive methods evaluate stages
-    past the end (they overshoot and interpolate back); the field is held at the
-    interval's ends there, where a path or its conversions may be undefined (VP:
-    alpha > 1 for -0.01 < t < 0) and no model was trained."""
-    try:
-        from torchdiffeq import odeint
-    except ImportError:
-        raise ImportError(f"ODE method {method!r} needs torchdiffeq, which is not installed: "
-                          "pip install torchdiffeq (or use method='euler' or 'heun')") from None
-    first = x0[0] if isinstance(x0, tuple) else x0
-    lo, hi = times.aminmax()
-    try:
-        out = odeint(lambda t, x: field(x, t.clamp(lo, hi).float().expand(first.shape[0])), x0, times,
-                     method=method, atol=atol, rtol=rtol)
-    except ValueError as e:
-        if not str(e).startswith("Invalid method"):
-            raise
-        raise ValueError(f"unknown ODE method {method!r}: expected euler, heun, adams, or one of torchdiffeq's "
-                         f"({str(e).split('one of ')[-1].rstrip('.')})") from None
-    except AssertionError as e:  # torchdiffeq's "underflow in dt": the tolerances cannot be met
-        raise ValueError(f"the adaptive solver {method!r} could not meet atol={atol}, rtol={rtol} ({e}): loosen "
-                         "them, or use a fixed-step method") from None
-    if isinstance(out, tuple):
-        return tuple(o[-1] for o in out)
-    return out if trajectory else out[-1]
 
 
 def create_transport(path_type: str = "Linear", prediction: str = "velocity", loss_weight: str | None = None,

@@ -24,6 +24,7 @@ import sit_ext
 from sit_ext import SiT, cli, data, ops, training
 from sit_ext.schedules import Custom
 from sit_ext.transport import Transport
+from sit_ext.tuned import tune_sampler
 
 TINY = ["--hidden-size", "32", "--depth", "1", "--heads", "2", "--batch-size", "16", "--device", "cpu", "--quiet"]
 
@@ -100,6 +101,17 @@ def files(tmp_path_factory):
     paths["pictures"] = root / "pictures"
     (paths["pictures"] / "cats").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(paths["pictures"] / "cats" / "a.png")
+    # Tuned samplers: one fitted to the run, the same claiming guidance 2, and a file that is no sampler.
+    from sit_ext.models import save_safetensors
+    from sit_ext.tuned import load_sampler, save_sampler
+
+    assert cli.main(["tune-sampler", "--ckpt", str(paths["ckpt"]), "--nfe", "2", "--samples", "4", "--held-out", "2",
+                     "--iterations", "1", "--reference-steps", "2", "--device", "cpu", "--quiet",
+                     "--out", str(root / "tuned.safetensors")]) == 0
+    guided = load_sampler(str(root / "tuned.safetensors"))
+    guided.settings["cfg_scale"] = 2.0
+    save_sampler(str(root / "tuned_cfg2.safetensors"), guided)
+    save_safetensors(root / "weights.safetensors", {"w": torch.zeros(2)}, {"config": "{}"})
     return paths
 
 
@@ -226,6 +238,16 @@ API = [
     ("Transport logit_normal std < 0", lambda: Transport(time_sampler="logit_normal", logit_normal=(0, -1)),
      ValueError, "logit_normal"),
     ("sample_ode num_steps 0", lambda: Transport().sample_ode(field, X, num_steps=0), ValueError, "num_steps"),
+    ("sample_ode sampler dict", lambda: Transport().sample_ode(field, X, sampler={}), TypeError, "sampler"),
+    ("tune_sampler nfe 1", lambda: tune_sampler(Transport(), field, [X, X], 1), ValueError, "nfe"),
+    ("tune_sampler heun nfe 3", lambda: tune_sampler(Transport(), field, [X, X], 3, "heun"), ValueError, "nfe"),
+    ("tune_sampler base euler", lambda: tune_sampler(Transport(), field, [X, X], 4, "euler"), ValueError, "euler"),
+    ("tune_sampler one batch", lambda: tune_sampler(Transport(), field, [X], 4), ValueError, "noise_batches"),
+    ("tune_sampler lr -1", lambda: tune_sampler(Transport(), field, [X, X], 4, lr=-1.0), ValueError, "lr"),
+    ("tune_sampler optimizer sgd", lambda: tune_sampler(Transport(), field, [X, X], 4, optimizer="sgd"), ValueError,
+     "optimizer"),
+    ("tune_sampler kwargs per batch", lambda: tune_sampler(Transport(), field, [X, X], 4, model_kwargs=[{}]),
+     ValueError, "model_kwargs"),
     ("sample_ode num_steps 2.5", lambda: Transport().sample_ode(field, X, num_steps=2.5), ValueError, "num_steps"),
     ("sample_ode noise list", lambda: Transport().sample_ode(field, [1.0]), TypeError, "noise"),
     ("sample_ode method foo", lambda: Transport().sample_ode(field, X, method="foo"), ValueError, "foo"),
@@ -306,6 +328,8 @@ def cli_rows():
     """(name, argv with {placeholders}, fragment); formatted against the files fixture."""
     out = ["--out", "{root}/new_{name}"]
     sample = ["sample", "--ckpt", "{ckpt}", "--device", "cpu", "--quiet", "--out", "{root}/samples_{name}"]
+    tune = ["tune-sampler", "--ckpt", "{ckpt}", "--device", "cpu", "--quiet", "--out", "{root}/t_{name}.safetensors"]
+    tuned = ["--sampler", "{root}/tuned.safetensors"]
     rows = [
         ("steps 0", ["train", "--steps", "0", *out], "--steps"),
         ("batch-size 0", ["train", "--batch-size", "0", *out], "--batch-size"),
@@ -451,6 +475,25 @@ def cli_rows():
         ("bench two modes", ["bench", "--samplers", "--dispatch", "--out", "{root}/bench"], "two benchmarks"),
         ("bench peak without models", ["bench", "--no-models", "--peak-tflops", "900", "--out", "{root}/bench"],
          "--peak-tflops"),
+        ("tune nfe 1", [*tune, "--nfe", "1"], "--nfe"),
+        ("tune heun odd nfe", [*tune, "--base", "heun", "--nfe", "5"], "--nfe"),
+        ("tune samples 1", [*tune, "--samples", "1"], "--samples"),
+        ("tune held-out 0", [*tune, "--held-out", "0"], "--held-out"),
+        ("tune out not safetensors", ["tune-sampler", "--ckpt", "{ckpt}", "--out", "{root}/t.pt"], "--out"),
+        ("tune cfg without classes", [*tune, "--cfg-scale", "2"], "--cfg-scale"),
+        ("tune missing ckpt", ["tune-sampler", "--ckpt", "{root}/missing.pt", "--out", "{root}/t.safetensors"],
+         "missing.pt"),
+        ("tune seed -1", [*tune, "--seed", "-1"], "--seed"),
+        ("sampler other checkpoint", [*sample[:2], "{root}/sampler_none.pt", *sample[3:], *tuned],
+         "checkpoint's contents"),
+        ("sampler other guidance", [*sample, "--sampler", "{root}/tuned_cfg2.safetensors"], "--cfg-scale"),
+        ("sampler other weights", [*sample, *tuned, "--weights", "model"], "--weights"),
+        ("sampler other nfe", [*sample, *tuned, "--steps", "7"], "NFE"),
+        ("sampler with sde", [*sample, *tuned, "--method", "sde"], "--method sde"),
+        ("sampler with solver", [*sample, *tuned, "--solver", "heun"], "--solver"),
+        ("sampler not a sampler", [*sample, "--sampler", "{root}/weights.safetensors"], "not a sit-ext sampler"),
+        ("sampler missing", [*sample, "--sampler", "{root}/missing.safetensors"], "missing.safetensors"),
+        ("force without sampler", [*sample, "--force"], "--sampler"),
     ]
     return rows
 

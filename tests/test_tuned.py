@@ -148,7 +148,8 @@ def test_cli_tune_then_sample(tmp_path, capsys):
     import numpy as np
 
     model, transport, shape, *_ = cli._load_sampler(argparse.Namespace(ckpt=ckpt, official=None, weights="ema",
-                                                                       num_samples=4, fused=True), "cpu")
+                                                                       num_samples=4, fused=True, model=None,
+                                                                       image_size=None), "cpu")
     z = torch.randn(4, *shape, generator=torch.Generator("cpu").manual_seed(0))  # sample's noise for --seed 0
     drawn = torch.from_numpy(np.load(tmp_path / "a" / "samples.npz")["samples"])
     assert torch.equal(drawn, transport.sample_ode(model, z, sampler=sampler))

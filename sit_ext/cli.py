@@ -1,5 +1,5 @@
-"""The ``sit-ext`` command (also ``python -m sit_ext``): info, train, sample,
-tune-sampler, encode, export, evaluate, bench and demo. Run ``sit-ext <command> --help`` for the options."""
+"""The sit-ext command (also python -m sit_ext): info, train, sample,
+tune-sampler, encode, export, evaluate, bench and demo. Run sit-ext <command> --help for the options."""
 
 from __future__ import annotations
 

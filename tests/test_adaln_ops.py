@@ -332,3 +332,29 @@ def test_constant_rows_and_zero_eps(device):
     assert torch.equal(y, shift[:, None].expand_as(y))
     assert torch.isnan(ops.ln_modulate(x, shift, scale, eps=0.0)).all()
     assert torch.isnan(ref.ln_modulate(x, shift, scale, eps=0.0)).all()
+
+
+def test_float64_rows_far_from_zero_row_by_row(device):
+    """float64 rows of D = 3 at mean 4.8e8 (std 1e-3 to 10), each row its own
+    sample: y, dx, dshift and dscale of every row within the bound of eager
+    PyTorch. Rounding the mean to float64 put single rows past that bound (y:
+    5 rows of these 400, up to 1.15x the bound; eager rounds its mean too, by
+    other amounts); the float64 kernels keep it in two parts, x0 + mean(x - x0)."""
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 400, 3
+    std = 10 ** (4 * torch.rand(n, 1, 1, generator=gen, dtype=torch.float64) - 3)
+    x = 4.8e8 + std * torch.randn(n, 1, dim, generator=gen, dtype=torch.float64)
+    shift, scale = (torch.randn(n, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    upstream = torch.randn(n, 1, dim, generator=gen, dtype=torch.float64)
+
+    def run(impl):
+        xx, ss, cc = leaves(*(v.to(device) for v in (x, shift, scale)))
+        y = impl.ln_modulate(xx, ss, cc)
+        return [y, *torch.autograd.grad(y, [xx, ss, cc], upstream.to(device))]
+
+    fused, eager, exact = run(ops), run(ref), run(_Shifted)
+    for name, f, e, r in zip(["y", "dx", "dshift", "dscale"], fused, eager, exact):
+        per_row = [v.detach().cpu().reshape(n, -1) for v in (f - r, e - r, r)]
+        err, eager_err, size = (v.abs().amax(1) for v in per_row)
+        bound = 2 * eager_err + ATOL[torch.float64] * size.clamp(min=1.0)
+        assert (err <= bound).all(), (name, (err / bound).max().item(), int((err > bound).sum()))

@@ -189,16 +189,31 @@ def test_ddp_two_cpu_processes(tmp_path):
         assert sorted(both.tolist()) == list(range(256)), epoch
 
 
-def test_demo_quality(tmp_path, capsys):
+def test_demo_quality(tmp_path, capsys, monkeypatch):
     """The README's main job, shortened: 600 steps on moons with seed 0 must
     sample within 0.1 sliced-W1 of held-out data (two draws of the data are
-    about 0.035 apart; an untrained model is over 1.0 away)."""
-    assert run_cli("demo", "--steps", 600, "--out", tmp_path, "--device", "cpu", "--quiet") == 0
-    result = json.loads((tmp_path / "demo.json").read_text())
+    about 0.035 apart; an untrained model is over 1.0 away). It writes into a
+    new temporary folder, and prints the README's quoted output line for line,
+    numbers and that folder's name aside."""
+    import re
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert run_cli("demo", "--steps", 600, "--device", "cpu", "--quiet") == 0
+    (out_dir,) = tmp_path.glob("sit-ext-demo-*")
+    result = json.loads((out_dir / "demo.json").read_text())
     assert result["sliced_wasserstein"] < 0.1, result
     assert result["fused_step_ms"] > 0 and result["unfused_step_ms"] > 0
-    out = capsys.readouterr().out
-    assert "quality:" in out and "fused" in out and (tmp_path / "samples.png").exists()
+    assert (out_dir / "samples.png").exists()
+    printed = capsys.readouterr().out.strip().splitlines()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    quoted = re.search(r"<!-- demo-output -->\n```text\n(.*?)```", readme, re.DOTALL).group(1).strip().splitlines()
+
+    def shape(line: str) -> str:
+        return re.sub(r"\d+(\.\d+)?", "#", re.sub(r"\S*/sit-ext-demo-[^/\s,]+", "FOLDER", line))
+
+    assert [shape(line) for line in printed] == [shape(line) for line in quoted], printed
+    assert printed[0].endswith(f"output in {out_dir}"), printed[0]
 
 
 def test_bench_smoke(tmp_path):
@@ -373,3 +388,11 @@ def test_an_image_folder_given_as_data_points_to_encode(tmp_path, capsys):
     images_lib.save_png(str(tmp_path / "pictures" / "cats" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     expect_clean_failure(capsys, "train", "--data", tmp_path / "pictures", "--out", tmp_path / "r", *TINY,
                          fragment="sit-ext encode --images")
+
+
+def test_help_is_plain_text(capsys):
+    """--help shows the docstrings as text: no reStructuredText ``literals``."""
+    for argv in (["--help"], *([name, "--help"] for name in ("train", "sample", "bench", "demo", "evaluate"))):
+        assert cli.main(argv) == 0
+        text = capsys.readouterr().out
+        assert "sit-ext" in text and "``" not in text, (argv, text)

@@ -460,3 +460,22 @@ def test_vp_reference_is_accurate_near_t_zero():
     single, double = ref.schedule_coefficients(t, "vp"), ref.schedule_coefficients(t.double(), "vp")
     for got, want in zip(single, double):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_vp_time_gradient_near_t_zero_is_finite_and_exact(device):
+    """|x|, |noise| ~ 1e18 (float32) at t down to 1e-24: the t gradient is
+    finite and matches float64. The kernels took b = sqrt(1 - a^2), which is 0
+    for t below ~1e-16 (a rounds to 1 in double): b' and b'' were infinite and
+    the gradient inf or NaN where it is up to ~1e35 (b'' grows as t^-1.5)."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([1e-24, 1e-20, 1e-12, 1e-7, 0.5, 1.0 - 2**-24])
+    x, noise = (1e18 * torch.randn(len(t), 3, generator=gen) for _ in range(2))
+    grads = [1e-18 * torch.randn(len(t), 3, generator=gen) for _ in range(2)]  # the products stay in range
+    fused_t = t.to(device).requires_grad_()
+    outputs = ops.interpolant(x.to(device), noise.to(device), fused_t, "vp")
+    got, = torch.autograd.grad(outputs, [fused_t], [g.to(device) for g in grads])
+    exact_t = t.double().requires_grad_()
+    want, = torch.autograd.grad(ref.interpolant(x.double(), noise.double(), exact_t, "vp"), [exact_t],
+                                [g.double() for g in grads])
+    assert (want.abs() < torch.finfo(torch.float32).max).all()
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=0)

@@ -155,15 +155,16 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, 
           D, [&](int64_t i) { return X::load(src + i) - x0_v; },
           [&](int64_t i) { return acc_t(src[i]) - x0; });
       const acc_t mu = acc_t(double(x0) + shifted / double(D));
-      const Vec mu_v(mu);
+      const RowCentre<acc_t> ctr = row_centre(mu, x0, acc_t(shifted / double(D)));
+      const Vec c0_v(ctr.c0), c1_v(ctr.c1);
       const double squares = row_total<acc_t>(
           D,
           [&](int64_t i) {
-            const Vec d = X::load(src + i) - mu_v;
+            const Vec d = centred(X::load(src + i), c0_v, c1_v);
             return d * d;
           },
           [&](int64_t i) {
-            const acc_t d = acc_t(src[i]) - mu;
+            const acc_t d = centred(acc_t(src[i]), ctr.c0, ctr.c1);
             return d * d;
           });
       const acc_t rs = acc_t(1) / std::sqrt(acc_t(squares / double(D)) + acc_t(eps));
@@ -173,11 +174,12 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, 
       row_for<acc_t>(
           D,
           [&](int64_t i) {
-            Y::store(yr + i, modulate_value((X::load(src + i) - mu_v) * rs_v, L::load(sh + i),
-                                            L::load(sc + i)));
+            Y::store(yr + i, modulate_value(centred(X::load(src + i), c0_v, c1_v) * rs_v,
+                                            L::load(sh + i), L::load(sc + i)));
           },
           [&](int64_t i) {
-            yr[i] = y_t(modulate_value((acc_t(src[i]) - mu) * rs, acc_t(sh[i]), acc_t(sc[i])));
+            yr[i] = y_t(modulate_value(centred(acc_t(src[i]), ctr.c0, ctr.c1) * rs, acc_t(sh[i]),
+                                       acc_t(sc[i])));
           });
       mean_p[r] = mu;
       rstd_p[r] = rs;
@@ -267,7 +269,17 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
   using acc_t = typename X::acc_t;
   using Vec = typename X::Vec;
   const int64_t D = rg.dim;
-  const Vec mu_v(mu), rs_v(rs), one(1);
+  // The forward's centre: for float64, mean(x - x0) again, summed as the forward summed it.
+  const acc_t x0 = xo[0];
+  const Vec x0_v(x0);
+  const acc_t shifted = std::is_same_v<acc_t, double>
+                            ? acc_t(row_total<acc_t>(
+                                        D, [&](int64_t i) { return X::load(xo + i) - x0_v; },
+                                        [&](int64_t i) { return acc_t(xo[i]) - x0; }) /
+                                    double(D))
+                            : acc_t(0);
+  const RowCentre<acc_t> ctr = row_centre(mu, x0, shifted);
+  const Vec c0_v(ctr.c0), c1_v(ctr.c1), rs_v(rs), one(1);
   const acc_t a =
       acc_t(row_total<acc_t>(
                 D, [&](int64_t i) { return Y::load(dy + i) * (one + L::load(scale + i)); },
@@ -276,11 +288,11 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
   const acc_t c = acc_t(row_total<acc_t>(
                             D,
                             [&](int64_t i) {
-                              const Vec xhat = (X::load(xo + i) - mu_v) * rs_v;
+                              const Vec xhat = centred(X::load(xo + i), c0_v, c1_v) * rs_v;
                               return Y::load(dy + i) * (one + L::load(scale + i)) * xhat;
                             },
                             [&](int64_t i) {
-                              const acc_t xhat = (acc_t(xo[i]) - mu) * rs;
+                              const acc_t xhat = centred(acc_t(xo[i]), ctr.c0, ctr.c1) * rs;
                               return acc_t(dy[i]) * (acc_t(1) + acc_t(scale[i])) * xhat;
                             }) /
                         double(D));
@@ -292,7 +304,7 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
   row_for<acc_t>(
       D,
       [&](int64_t i) {
-        const Vec dyv = Y::load(dy + i), xhat = (X::load(xo + i) - mu_v) * rs_v;
+        const Vec dyv = Y::load(dy + i), xhat = centred(X::load(xo + i), c0_v, c1_v) * rs_v;
         if (rg.need_shift) accumulate(acc, i, dyv);
         if (rg.need_scale) accumulate(acc + D, i, dyv * xhat);
         if (!need_total) return;
@@ -303,7 +315,7 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
         if (rg.need_gate) accumulate(acc + 2 * D, i, total * L::load(h + i));
       },
       [&](int64_t i) {
-        const acc_t dyv = acc_t(dy[i]), xhat = (acc_t(xo[i]) - mu) * rs;
+        const acc_t dyv = acc_t(dy[i]), xhat = centred(acc_t(xo[i]), ctr.c0, ctr.c1) * rs;
         if (rg.need_shift) acc[i] += dyv;
         if (rg.need_scale) acc[D + i] += dyv * xhat;
         if (!need_total) return;

@@ -52,6 +52,27 @@ __device__ __forceinline__ void store_partial(const Args& a, int64_t block, int6
   }
 }
 
+// The forward's centre of a row (see row_centre): for float64, mean(x - x0)
+// summed again over the stored row, by every thread of the block.
+template <typename x_t, int kVec>
+__device__ RowCentre<at::opmath_type<x_t>> backward_centre(const x_t* __restrict__ row_xo,
+                                                           int64_t dim, at::opmath_type<x_t> mean) {
+  using acc_t = at::opmath_type<x_t>;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    const acc_t x0 = acc_t(row_xo[0]);
+    acc_t s[1] = {0};
+    for (int64_t p = threadIdx.x; p < dim / kVec; p += blockDim.x) {
+      const auto xv = load_pack<kVec>(row_xo + p * kVec);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) s[0] += acc_t(xv.v[j]) - x0;
+    }
+    block_allreduce(s);
+    return row_centre(mean, x0, s[0] / acc_t(dim));
+  } else {
+    return row_centre(mean, acc_t(0), acc_t(0));
+  }
+}
+
 // (A minimum of 1 block per SM in the launch bounds keeps ptxas from capping
 // registers for occupancy and spilling: seen at 32 and 64 registers.)
 template <typename x_t, typename l_t, typename y_t, int kVec, bool kResidual>
@@ -84,7 +105,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
   }
 
   for (int64_t row = first; row < last; ++row) {
-    const acc_t mu = a.mean[row], rs = a.rstd[row];
+    const acc_t rs = a.rstd[row];
+    const RowCentre<acc_t> ctr = backward_centre<x_t, kVec>(a.xo + row * dim, dim, a.mean[row]);
     acc_t dyv[kPacks][kVec], xhat[kPacks][kVec], sums[2] = {0, 0};
     Pack<x_t, kVec> dxo[kPacks];
     Pack<l_t, kVec> hv[kPacks];
@@ -105,7 +127,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         dyv[k][j] = acc_t(g.v[j]);
-        xhat[k][j] = (acc_t(xv.v[j]) - mu) * rs;  // padding has dy = 0: adds nothing
+        xhat[k][j] = centred(acc_t(xv.v[j]), ctr.c0, ctr.c1) * rs;  // padding has dy = 0
         const acc_t dxhat = dyv[k][j] * one_plus_scale[k][j];
         sums[0] += dxhat;
         sums[1] += dxhat * xhat[k][j];
@@ -148,14 +170,16 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
 }
 
 // Long rows, first kernel: per row, mean(dxhat) and mean(dxhat xhat) into
-// stats[row, 0..1], with dxhat = dy (1 + scale). One block per row.
+// stats[row, 0..1], with dxhat = dy (1 + scale), and the row's centre into
+// stats[row, 2..3]. One block per row.
 template <typename x_t, typename l_t, typename y_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     row_grad_stats_kernel(BackwardArgs<x_t, l_t, y_t> a, ModArgs<l_t> mod, int64_t tokens,
                           int64_t dim, at::opmath_type<x_t>* __restrict__ stats) {
   using acc_t = at::opmath_type<x_t>;
   const int64_t row = blockIdx.x, b = row / tokens, packs = dim / kVec;
-  const acc_t mu = a.mean[row], rs = a.rstd[row];
+  const acc_t rs = a.rstd[row];
+  const RowCentre<acc_t> ctr = backward_centre<x_t, kVec>(a.xo + row * dim, dim, a.mean[row]);
   acc_t s[2] = {0, 0};
   for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
     const auto g = load_pack<kVec>(a.dy + row * dim + p * kVec);
@@ -165,13 +189,15 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kVec; ++j) {
       const acc_t dxhat = acc_t(g.v[j]) * (acc_t(1) + acc_t(sc.v[j]));
       s[0] += dxhat;
-      s[1] += dxhat * (acc_t(xv.v[j]) - mu) * rs;
+      s[1] += dxhat * centred(acc_t(xv.v[j]), ctr.c0, ctr.c1) * rs;
     }
   }
   block_allreduce(s);
   if (threadIdx.x == 0) {
-    stats[2 * row] = s[0] / acc_t(dim);
-    stats[2 * row + 1] = s[1] / acc_t(dim);
+    stats[4 * row] = s[0] / acc_t(dim);
+    stats[4 * row + 1] = s[1] / acc_t(dim);
+    stats[4 * row + 2] = ctr.c0;
+    stats[4 * row + 3] = ctr.c1;
   }
 }
 
@@ -197,8 +223,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   acc_t acc[3][kVec] = {};
   for (int64_t row = first; row < last; ++row) {
     const int64_t o = row * dim + col;
-    const acc_t mu = a.mean[row], rs = a.rstd[row];
-    const acc_t mean_dxhat = stats[2 * row], mean_dxhat_xhat = stats[2 * row + 1];
+    const acc_t rs = a.rstd[row];
+    const acc_t mean_dxhat = stats[4 * row], mean_dxhat_xhat = stats[4 * row + 1];
+    const acc_t c0 = stats[4 * row + 2], c1 = stats[4 * row + 3];
     const auto g = load_pack<kVec>(a.dy + o);
     const auto xv = load_pack<kVec>(a.xo + o);
     Pack<x_t, kVec> dxo{}, out_dx;
@@ -207,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kResidual) hv = load_pack<kVec>(a.h + o);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const acc_t dyj = acc_t(g.v[j]), xh = (acc_t(xv.v[j]) - mu) * rs;
+      const acc_t dyj = acc_t(g.v[j]), xh = centred(acc_t(xv.v[j]), c0, c1) * rs;
       acc[0][j] += dyj;
       acc[1][j] += dyj * xh;
       acc_t total = layer_norm_grad(dyj * (acc_t(1) + acc_t(sc.v[j])), xh, mean_dxhat,
@@ -334,7 +361,7 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
         const int64_t rows = a.batch * a.tokens, tiles = ceil_div(a.dim / kVec, kThreads);
         check_grid(op, rows);
         check_grid(op, blocks * tiles);
-        Tensor stats = at::empty({rows * 2}, mean.options());
+        Tensor stats = at::empty({rows * 4}, mean.options());
         row_grad_stats_kernel<x_t, l_t, y_t, kVec><<<rows, kThreads, 0, stream>>>(
             args, mod, a.tokens, a.dim, stats.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();

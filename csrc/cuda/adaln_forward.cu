@@ -69,16 +69,18 @@ __global__ void __launch_bounds__(kForwardThreads)
   }
   block_allreduce(sums);
   acc_t mu[kRows];
+  RowCentre<acc_t> ctr[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     mu[r] = x0[r] + sums[r] / acc_t(dim);
+    ctr[r] = row_centre(mu[r], x0[r], sums[r] / acc_t(dim));
     sums[r] = 0;
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       if (threadIdx.x + int64_t(k) * blockDim.x >= packs) continue;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const acc_t d = v[r][k][j] - mu[r];
+        const acc_t d = centred(v[r][k][j], ctr[r].c0, ctr[r].c1);
         sums[r] += d * d;
       }
     }
@@ -102,7 +104,8 @@ __global__ void __launch_bounds__(kForwardThreads)
       Pack<y_t, kVec> out;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        out.v[j] = y_t(modulate_value((v[r][k][j] - mu[r]) * rs, acc_t(sh.v[j]), acc_t(sc.v[j])));
+        out.v[j] = y_t(modulate_value(centred(v[r][k][j], ctr[r].c0, ctr[r].c1) * rs,
+                                      acc_t(sh.v[j]), acc_t(sc.v[j])));
       }
       store_pack<kVec>(y + row * dim + p * kVec, out);
     }
@@ -143,12 +146,13 @@ __global__ void __launch_bounds__(kForwardThreads)
   }
   block_allreduce(s);
   const acc_t mu = x0 + s[0] / acc_t(dim);
+  const RowCentre<acc_t> ctr = row_centre(mu, x0, s[0] / acc_t(dim));
   s[0] = 0;
   for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
     const auto xv = load_pack<kVec>(src + p * kVec);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const acc_t d = acc_t(xv.v[j]) - mu;
+      const acc_t d = centred(acc_t(xv.v[j]), ctr.c0, ctr.c1);
       s[0] += d * d;
     }
   }
@@ -165,7 +169,8 @@ __global__ void __launch_bounds__(kForwardThreads)
     Pack<y_t, kVec> out;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      out.v[j] = y_t(modulate_value((acc_t(xv.v[j]) - mu) * rs, acc_t(sh.v[j]), acc_t(sc.v[j])));
+      out.v[j] = y_t(modulate_value(centred(acc_t(xv.v[j]), ctr.c0, ctr.c1) * rs, acc_t(sh.v[j]),
+                                    acc_t(sc.v[j])));
     }
     store_pack<kVec>(y + o + p * kVec, out);
   }

@@ -47,12 +47,16 @@ C10_HOST_DEVICE inline Coef<T> schedule_coef(int64_t schedule, T t) {
     t = t < T(0) ? T(0) : (t > T(1) ? T(1) : t);
     const T range = T(kVPBetaMax - kVPBetaMin), bmin = T(kVPBetaMin);
     const T g = -T(0.5) * t * range - T(0.5) * bmin;  // (log a)'
-    const T a = ::exp(-T(0.25) * t * t * range - T(0.5) * t * bmin);
+    const T log_a = -T(0.25) * t * t * range - T(0.5) * t * bmin;
+    const T a = ::exp(log_a);
     const T da = a * g;
     const T dda = a * (g * g - T(0.5) * range);
-    const T b = ::sqrt(T(1) - a * a);
-    const T db = -a * da / b;
-    const T ddb = -(da * da + a * dda + db * db) / b;
+    // 1 - a^2 as -expm1(2 log a): for t below ~1e-8 the difference cancels (below ~1e-16 to 0,
+    // which made b' and b'' infinite, and the t gradient inf or NaN, where they are finite).
+    const T b = ::sqrt(-::expm1(T(2) * log_a));
+    const T db = -a * a * g / b;
+    // b'' = -(a'^2 + a a'' + b'^2) / b, with a'^2 + a a'' = a^2 (2 g^2 - range / 2).
+    const T ddb = -(a * a * (T(2) * g * g - T(0.5) * range) + db * db) / b;
     return {a, b, da, db, dda, ddb};
   }
   // kLinear

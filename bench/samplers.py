@@ -4,6 +4,7 @@ every sampler x step schedule, the official-equivalent settings among them
 
     python bench/samplers.py              # writes bench/results/<date>-cpu-samplers.json and .png
     python bench/samplers.py --quick      # 1000 samples, NFE 4 and 16
+    python bench/samplers.py --tuned      # tuned samplers against fixed ones (sit_ext.tuned_bench)
 """
 
 import os

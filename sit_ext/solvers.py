@@ -262,10 +262,10 @@ class TunedSampler:
     def nfe(self) -> int:
         return self.settings["steps"] * (2 if self.base == "heun" else 1)
 
-    def grid(self) -> Tensor:
+    def grid(self, device=None) -> Tensor:
         """The time grid [n + 1] (float64), from t_start to t_end exactly."""
         start, end = (float(v) for v in self.settings["interval"])
-        share = torch.cumsum(torch.softmax(self.params["grid_logits"], 0), 0)[:-1]
+        share = torch.cumsum(torch.softmax(self.params["grid_logits"].to(device), 0), 0)[:-1]
         ends = share.new_tensor([start]), share.new_tensor([end])
         return torch.cat([ends[0], start + (end - start) * share, ends[1]])
 
@@ -293,9 +293,9 @@ def tuned_sample(field: Field, x: Tensor, sampler: TunedSampler, progress: bool 
                  return_trajectory: bool = False):
     """Integrates dx/dt = field(x, t [B]) with a tuned sampler (differentiable
     in its params; the model is evaluated at float32 times, as the base solvers
-    evaluate it). Returns x at the end, or x at every node."""
-    p = sampler.params
-    grid = sampler.grid()
+    evaluate it) on x's device. Returns x at the end, or x at every node."""
+    p = {k: v.to(x.device) for k, v in sampler.params.items()}  # a no-op, gradients kept, where they are
+    grid = sampler.grid(x.device)
     h = torch.diff(grid)
     scale = torch.cat([torch.ones_like(p["log_scale"][:1]), torch.exp(p["log_scale"])])
     rate, factor = p["scale_rate"], 1 + p["weights"]

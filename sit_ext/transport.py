@@ -28,6 +28,8 @@ Beyond the official samplers: step schedules for every fixed-step method
 (``time_grid``; "power" puts the steps at the stiff data end, where uniform
 steps and the official "Mean" last step get the SDE's variance wrong), and a
 predictor-corrector ODE solver with one model evaluation per step ("adams").
+The solvers themselves live in ``sit_ext.solvers``; samplers tuned to one
+model (``sample_ode(..., sampler=)``) are fitted by ``sit_ext.tuned``.
 """
 
 from __future__ import annotations

@@ -753,8 +753,10 @@ _BENCH_FLAGS = {"the kernel and model benchmark": ("--ops", "--quick", "--models
 
 def _check_bench_flags(args) -> None:
     """One mode at a time, and only its own flags: another mode's would be ignored."""
-    modes = [m for m, on in (("--samplers", args.samplers), ("--digits", args.digits is not None and not args.tuned),
-                             ("--tuned", args.tuned), ("--dispatch", args.dispatch)) if on]
+    # --tuned is a mode of its own, alone or as --samplers --tuned; with --digits STEPS it takes the digits model
+    modes = [m for m, on in (("--samplers", args.samplers and not args.tuned),
+                             ("--digits", args.digits is not None and not args.tuned), ("--tuned", args.tuned),
+                             ("--dispatch", args.dispatch)) if on]
     if len(modes) > 1:
         raise ValueError(f"{modes[0]} and {modes[1]} are two benchmarks: run one at a time")
     mode = modes[0] if modes else "the kernel and model benchmark"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's device check, for a machine with a CUDA GPU (about 6 minutes on
-# an H200 with 16 cores, so that two fit in 15 minutes of device time):
+# an H200 with 16 cores before the model matrix was added, untimed since; two
+# should fit in 15 minutes of device time: BUDGET and MODEL_BUDGET bound it):
 #   1. build as a user does (pip install --no-build-isolation -e ., with the
 #      image's own compiler settings), with ptxas's register and spill report of
 #      every kernel; a fallback build (CXX=g++, or setup.py when pip cannot) lets

@@ -66,14 +66,18 @@ TORCH_LIBRARY(sit_ext, m) {
   m.def(
       "ln_modulate_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor mean, Tensor rstd, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // x_out = x + gate h, y = LN(x_out) (1 + scale) + shift.
+  // x_out = x + gate (h + bias), y = LN(x_out) (1 + scale) + shift. bias ([D], h's
+  // dtype, optional) is that of the Linear that made h, folded in: its gradient,
+  // sum over samples of gate times the column sums of grad x_out, comes from the
+  // per-sample sums the backward already makes.
   m.def(
       "gated_residual_ln_modulate(Tensor x, Tensor h, Tensor gate, Tensor shift, Tensor scale, "
-      "float eps, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float eps, ScalarType? out_dtype=None, Tensor? bias=None) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
   m.def(
       "gated_residual_ln_modulate_backward(Tensor? grad_x_out, Tensor grad_y, Tensor x_out, "
-      "Tensor h, Tensor gate, Tensor scale, Tensor mean, Tensor rstd, bool[5] output_mask) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor h, Tensor gate, Tensor scale, Tensor mean, Tensor rstd, bool[6] output_mask, "
+      "Tensor? bias=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // x + gate h. Its backward gives (dh, dgate); dx is the incoming gradient itself.
   m.def("gated_residual(Tensor x, Tensor h, Tensor gate) -> Tensor");
   m.def(

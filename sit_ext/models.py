@@ -34,6 +34,12 @@ layer's. Backward, fused: read dy, d x_out, x_out and h, write dx and dh (18 per
 sub-block under autocast); unfused, autograd runs each elementwise op's
 backward and adds the residual gradients (about 74). ``python bench/run.py``
 counts the bytes of each fused op against these per-op numbers.
+
+The biases of ``attn.proj`` and ``mlp.fc2`` are folded into the fused residual
+(x + gate (h + b)): their gradients come from the per-sample column sums the
+fused backward makes anyway, instead of a reduction over dh (2 bytes/element
+read per sub-block under autocast) each. Parameter names and shapes stay the
+official ones.
 """
 
 from __future__ import annotations
@@ -155,9 +161,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.mix(x))
+
+    def mix(self, x: Tensor) -> Tensor:
+        """Attention up to the output projection."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
 
 
 class Mlp(nn.Module):
@@ -168,7 +178,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.hidden(x))
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The MLP up to its output projection."""
+        return self.act(self.fc1(x))
 
 
 def _fused_dtypes(x: Tensor, mods: tuple[Tensor, ...]) -> tuple[torch.dtype | None, tuple[Tensor, ...]]:
@@ -189,6 +203,20 @@ def _to_stream(x: Tensor, h: Tensor) -> Tensor:
     beside float32 x; cast to x's dtype beside any other (a half-precision
     stream under autocast of the other half type gets h in autocast's)."""
     return h if x.dtype == torch.float32 or h.dtype == x.dtype else h.to(x.dtype)
+
+
+def _branch(x: Tensor, linear: nn.Module, inner: Tensor) -> tuple[Tensor, Tensor | None]:
+    """linear(inner) as (h, bias) for the fused residual: a plain nn.Linear
+    without hooks gives (inner W^T, its bias), the bias left for the fused op to
+    add (as it is when in x's dtype or h's: the float32 parameter under
+    autocast is read without a cast); any other module (a LoRA wrapper, a
+    hooked Linear) runs as it is and gives (linear(inner), None). h is in the
+    dtype the fused ops take beside x (see _to_stream)."""
+    if (type(linear) is not nn.Linear or linear.bias is None or linear._forward_hooks
+            or linear._forward_pre_hooks):
+        return _to_stream(x, linear(inner)), None
+    h, bias = _to_stream(x, F.linear(inner, linear.weight)), linear.bias
+    return h, bias if bias.dtype in (x.dtype, h.dtype) else bias.to(h.dtype)
 
 
 class SiTBlock(nn.Module):
@@ -213,8 +241,8 @@ class SiTBlock(nn.Module):
         y_dtype, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = _fused_dtypes(
             x, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp))
         y = ops.ln_modulate(x, shift_msa, scale_msa, out_dtype=y_dtype)
-        x, y = ops.gated_residual_ln_modulate(x, _to_stream(x, self.attn(y)), gate_msa, shift_mlp, scale_mlp,
-                                              out_dtype=y_dtype)
+        h, bias = _branch(x, self.attn.proj, self.attn.mix(y))
+        x, y = ops.gated_residual_ln_modulate(x, h, gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype, bias=bias)
         return ops.gated_residual(x, _to_stream(x, self.mlp(y)), gate_mlp)
 
 
@@ -407,10 +435,11 @@ class SiT(nn.Module):
         for i, block in enumerate(self.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
             next_shift, next_scale = mods[i + 1][:2]
-            x, y = ops.gated_residual_ln_modulate(x, _to_stream(x, block.attn(y)), gate_msa, shift_mlp, scale_mlp,
-                                                  out_dtype=y_dtype)
-            x, y = ops.gated_residual_ln_modulate(x, _to_stream(x, block.mlp(y)), gate_mlp, next_shift, next_scale,
-                                                  out_dtype=y_dtype)
+            h, bias = _branch(x, block.attn.proj, block.attn.mix(y))
+            x, y = ops.gated_residual_ln_modulate(x, h, gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype, bias=bias)
+            h, bias = _branch(x, block.mlp.fc2, block.mlp.hidden(y))
+            x, y = ops.gated_residual_ln_modulate(x, h, gate_mlp, next_shift, next_scale, out_dtype=y_dtype,
+                                                  bias=bias)
         return self.final_layer.linear(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:

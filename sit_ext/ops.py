@@ -265,12 +265,19 @@ def ln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
 
 
 def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                               eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """(x_out, y) with x_out = x + gate h and y = LayerNorm(x_out) (1 + scale) + shift:
-    the end of one sub-block and the start of the next, in one pass."""
-    _tensors("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale)
-    args = (x, h, gate, shift, scale, _eps(eps), _out_dtype(out_dtype))
-    if _direct(x, h, gate, shift, scale):
+                               eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+                               bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x_out, y) with x_out = x + gate (h + bias) and y = LayerNorm(x_out) (1 + scale) + shift:
+    the end of one sub-block and the start of the next, in one pass. bias ([D] in
+    x's dtype or h's, optional) is the bias of the Linear that made h, folded in
+    (under autocast, the float32 parameter as it is): its gradient comes from the
+    per-sample sums the backward makes anyway, not from a pass of its own over
+    h's gradient."""
+    folded = () if bias is None else (bias,)
+    _tensors("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale,
+             **dict(zip(("bias",), folded)))
+    args = (x, h, gate, shift, scale, _eps(eps), _out_dtype(out_dtype), bias)
+    if _direct(x, h, gate, shift, scale, *folded):
         x_out, y, _, _ = _C.call(_h.gated_residual_ln_modulate, *args)
     else:
         x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(*args)
@@ -308,18 +315,22 @@ def _(grad_y, x, scale, mean, rstd, output_mask):
 
 
 @torch.library.register_fake("sit_ext::gated_residual_ln_modulate")
-def _(x, h, gate, shift, scale, eps, out_dtype=None):
-    _check_devices("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale)
+def _(x, h, gate, shift, scale, eps, out_dtype=None, bias=None):
+    _check_devices("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale, bias=bias)
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype or x.dtype), _stats_like(x), _stats_like(x)
 
 
 @torch.library.register_fake("sit_ext::gated_residual_ln_modulate_backward")
-def _(grad_x_out, grad_y, x_out, h, gate, scale, mean, rstd, output_mask):
+def _(grad_x_out, grad_y, x_out, h, gate, scale, mean, rstd, output_mask, bias=None):
     _check_devices("gated_residual_ln_modulate_backward", x_out=x_out, grad_y=grad_y, h=h, gate=gate,
-                   scale=scale, mean=mean, rstd=rstd, grad_x_out=grad_x_out)
+                   scale=scale, mean=mean, rstd=rstd, grad_x_out=grad_x_out, bias=bias)
+    if output_mask[5] and bias is None:
+        raise RuntimeError("sit_ext.gated_residual_ln_modulate_backward: output_mask[5] asks for the gradient "
+                           "of bias, but no bias was given")
     return (x_out.new_empty(x_out.shape if output_mask[0] else (0,)),
             h.new_empty(x_out.shape if output_mask[1] else (0,)),
-            *(_per_sample_like(x_out, scale, m) for m in output_mask[2:]))
+            *(_per_sample_like(x_out, scale, m) for m in output_mask[2:5]),
+            (bias if output_mask[5] else scale).new_empty((x_out.shape[-1],) if output_mask[5] else (0,)))
 
 
 @torch.library.register_fake("sit_ext::gated_residual")

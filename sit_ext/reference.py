@@ -87,6 +87,8 @@ def gated_residual(x: Tensor, h: Tensor, gate: Tensor) -> Tensor:
 
 
 def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                               eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    x_out = gated_residual(x, h, gate)
+                               eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+                               bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """As the official code, with the Linear's bias (when given) added to h first."""
+    x_out = gated_residual(x, h if bias is None else h + bias, gate)
     return x_out, ln_modulate(x_out, shift, scale, eps, out_dtype)

@@ -16,7 +16,8 @@ from sit_ext.models import _fused_dtypes
 # 2050 (odd) and 5000 take the streamed backward, 9000 and 16384 the streamed forward as well.
 SHAPES = [(2, 5, 1), (3, 4, 7), (2, 16, 384), (2, 8, 768), (5, 1024), (2, 8, 1152), (4, 256, 1152),
           (2, 3, 2050), (2, 3, 5000), (2, 2, 9000), (1, 2, 16384)]
-OPS = ["ln_modulate", "gated_residual_ln_modulate", "gated_residual"]
+# "+bias": gated_residual_ln_modulate with the Linear's bias folded in.
+OPS = ["ln_modulate", "gated_residual_ln_modulate", "gated_residual_ln_modulate+bias", "gated_residual"]
 
 
 def modulation(batch, dim, dtype, device, chunked):
@@ -27,12 +28,15 @@ def modulation(batch, dim, dtype, device, chunked):
     return [torch.randn(batch, dim, dtype=dtype, device=device) for _ in range(3)]
 
 
-def run_op(impl, name, x, h, shift, scale, gate, upstream, out_dtype=None):
+def run_op(impl, name, x, h, shift, scale, gate, bias, upstream, out_dtype=None):
     """Forward, then the gradients of every input, for one op."""
     if name == "ln_modulate":
         outputs, inputs = [impl.ln_modulate(x, shift, scale, out_dtype=out_dtype)], [x, shift, scale]
     elif name == "gated_residual":
         outputs, inputs = [impl.gated_residual(x, h, gate)], [x, h, gate]
+    elif name == "gated_residual_ln_modulate+bias":
+        outputs = list(impl.gated_residual_ln_modulate(x, h, gate, shift, scale, out_dtype=out_dtype, bias=bias))
+        inputs = [x, h, gate, shift, scale, bias]
     else:
         outputs = list(impl.gated_residual_ln_modulate(x, h, gate, shift, scale, out_dtype=out_dtype))
         inputs = [x, h, gate, shift, scale]
@@ -48,10 +52,11 @@ def test_matches_reference(device, shape, dtype, name, chunked):
     x = torch.randn(shape, dtype=dtype, device=device)
     h = torch.randn(shape, dtype=dtype, device=device)
     shift, scale, gate = modulation(shape[0], shape[-1], dtype, device, chunked)
+    bias = torch.randn(shape[-1], dtype=dtype, device=device)
     upstream = [torch.randn(shape, dtype=dtype, device=device) for _ in range(2)]
 
     def run(impl, dtype_=None):
-        return run_op(impl, name, *leaves(x, h, shift, scale, gate, dtype=dtype_), upstream)
+        return run_op(impl, name, *leaves(x, h, shift, scale, gate, bias, dtype=dtype_), upstream)
 
     fused, eager, exact = run(ops), run(ref, dtype), run(ref, torch.float64)
     for i, (f, e, r) in enumerate(zip(fused, eager, exact)):
@@ -61,28 +66,33 @@ def test_matches_reference(device, shape, dtype, name, chunked):
 
 @pytest.mark.parametrize("shape", [(2, 5, 1), (3, 4, 7), (2, 16, 384), (5, 1024), (2, 33, 1152)], ids=str)
 @pytest.mark.parametrize("low", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("name, y_in", [(name, y_in) for name in OPS for y_in in ("x", "low")
-                                         if name != "gated_residual" or y_in == "x"])  # gated_residual has no y
-def test_mixed_dtypes(device, shape, low, y_in, name):
+@pytest.mark.parametrize("name, y_in, bias_in", [
+    (name, y_in, bias_in) for name in OPS for y_in in ("x", "low")
+    for bias_in in (("x", "low") if name.endswith("+bias") else ("x",))
+    if name != "gated_residual" or y_in == "x"])  # gated_residual has no y
+def test_mixed_dtypes(device, shape, low, y_in, name, bias_in):
     """The autocast configuration: float32 x, h and the modulation vectors in
-    bfloat16/float16 (Linear outputs), y in x's dtype or theirs. Each input is
-    read in its own dtype; x_out stays float32; every gradient comes back in
-    its input's dtype, within the bound of eager PyTorch on the same mix."""
+    bfloat16/float16 (Linear outputs), y in x's dtype or theirs, the folded
+    bias in either (autocast leaves the float32 parameter as it is). Each
+    input is read in its own dtype; x_out stays float32; every gradient comes
+    back in its input's dtype, within the bound of eager PyTorch on the same mix."""
     out_dtype = torch.float32 if y_in == "x" else low
+    bias_dtype = torch.float32 if bias_in == "x" else low
     x = torch.randn(shape, device=device)
     h = torch.randn(shape, dtype=low, device=device)
     shift, scale, gate = modulation(shape[0], shape[-1], low, device, chunked=True)
+    bias = torch.randn(shape[-1], dtype=bias_dtype, device=device)
     upstream = [torch.randn(shape, device=device) for _ in range(2)]
 
     def run(impl, dtype_=None):
         out = None if dtype_ else out_dtype
-        return run_op(impl, name, *leaves(x, h, shift, scale, gate, dtype=dtype_), upstream, out)
+        return run_op(impl, name, *leaves(x, h, shift, scale, gate, bias, dtype=dtype_), upstream, out)
 
     fused, eager, exact = run(ops), run(ref), run(ref, torch.float64)
-    outputs = {"ln_modulate": [out_dtype], "gated_residual": [torch.float32],
-               "gated_residual_ln_modulate": [torch.float32, out_dtype]}[name]
+    grlm = [torch.float32, low, low, low, low]
+    outputs = {"ln_modulate": [out_dtype], "gated_residual": [torch.float32]}.get(name, [torch.float32, out_dtype])
     inputs = {"ln_modulate": [torch.float32, low, low], "gated_residual": [torch.float32, low, low],
-              "gated_residual_ln_modulate": [torch.float32, low, low, low, low]}[name]
+              "gated_residual_ln_modulate": grlm, "gated_residual_ln_modulate+bias": grlm + [bias_dtype]}[name]
     assert [f.dtype for f in fused] == outputs + inputs
     for i, (f, e, r) in enumerate(zip(fused, eager, exact)):
         assert_close_to_ref(f, e, r, ATOL[low], f"{name} result {i}")
@@ -117,16 +127,20 @@ def test_strided_x(device):
     torch.testing.assert_close(ops.ln_modulate(x, shift, scale), ref.ln_modulate(x, shift, scale))
 
 
-def test_unused_outputs(device):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_unused_outputs(device, with_bias):
     """Gradients flow when only one output of gated_residual_ln_modulate is used."""
     x, h = (torch.randn(2, 4, 16, device=device, requires_grad=True) for _ in range(2))
     params = torch.randn(2, 96, device=device, requires_grad=True)
+    bias = torch.randn(16, device=device, requires_grad=True)
     shift, scale, gate = params.chunk(6, dim=1)[:3]
+    leaves_ = [x, h, params] + [bias] * with_bias
+    kw = {"bias": bias} if with_bias else {}
     for pick in (0, 1):
-        got = torch.autograd.grad(ops.gated_residual_ln_modulate(x, h, gate, shift, scale)[pick].sum(),
-                                  [x, h, params])
-        want = torch.autograd.grad(ref.gated_residual_ln_modulate(x, h, gate, shift, scale)[pick].sum(),
-                                   [x, h, params])
+        got = torch.autograd.grad(ops.gated_residual_ln_modulate(x, h, gate, shift, scale, **kw)[pick].square().sum(),
+                                  leaves_)
+        want = torch.autograd.grad(ref.gated_residual_ln_modulate(x, h, gate, shift, scale, **kw)[pick].square().sum(),
+                                   leaves_)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
 
@@ -143,6 +157,9 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(
         lambda x, h, p: ops.gated_residual_ln_modulate(x, h, chunks(p)[2], chunks(p)[0], chunks(p)[1]),
         (x, h, params))
+    assert torch.autograd.gradcheck(
+        lambda x, h, p, b: ops.gated_residual_ln_modulate(x, h, chunks(p)[2], chunks(p)[0], chunks(p)[1], bias=b),
+        (x, h, params, torch.randn(5, **kw)))
     assert torch.autograd.gradcheck(lambda x, h, p: ops.gated_residual(x, h, chunks(p)[5]), (x, h, params))
     x2, h2 = torch.randn(3, 4, **kw), torch.randn(3, 4, **kw)  # [B, D]
     p2 = torch.randn(3, 24, **kw)
@@ -156,6 +173,7 @@ def test_opcheck(device):
     shift, scale, gate = modulation(2, 8, torch.float32, device, chunked=True)
     y, mean, rstd = torch.ops.sit_ext.ln_modulate(x, shift, scale, 1e-6)
     x_out, _, mean2, rstd2 = torch.ops.sit_ext.gated_residual_ln_modulate(x, h, gate, shift, scale, 1e-6)
+    bias = torch.randn(8, device=device)
     base = torch.randn(2, 48, device=device, requires_grad=True)
     cs, cc, cg = base.chunk(6, dim=1)[:3]
     grad_leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
@@ -164,9 +182,13 @@ def test_opcheck(device):
         (torch.ops.sit_ext.ln_modulate_backward.default, (dy, x, scale, mean, rstd, [True, True, True])),
         (torch.ops.sit_ext.gated_residual_ln_modulate.default, (grad_leaf(x), grad_leaf(h), cg, cs, cc, 1e-5)),
         (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
-         (dy, dy, x_out, h, gate, scale, mean2, rstd2, [True] * 5)),
+         (dy, dy, x_out, h, gate, scale, mean2, rstd2, [True] * 5 + [False])),
         (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
-         (None, dy, x_out, h, gate, scale, mean2, rstd2, [False, True, True, False, True])),
+         (None, dy, x_out, h, gate, scale, mean2, rstd2, [False, True, True, False, True, False])),
+        (torch.ops.sit_ext.gated_residual_ln_modulate.default,
+         (grad_leaf(x), grad_leaf(h), cg, cs, cc, 1e-5, None, grad_leaf(bias))),
+        (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
+         (dy, dy, x_out, h, gate, scale, mean2, rstd2, [True] * 6, bias)),
         (torch.ops.sit_ext.gated_residual.default, (grad_leaf(x), grad_leaf(h), cg)),
         (torch.ops.sit_ext.gated_residual_backward.default, (dy, h, gate, [True, True])),
     ]
@@ -182,7 +204,14 @@ def test_opcheck(device):
         (torch.ops.sit_ext.ln_modulate_backward.default, (dyb, x, lc.detach(), mean, rstd, [True] * 3)),
         (torch.ops.sit_ext.gated_residual_ln_modulate.default, (grad_leaf(x), grad_leaf(hb), lg, ls, lc, 1e-6, None)),
         (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
-         (dy, dyb, x_out, hb, lg.detach(), lc.detach(), mean2, rstd2, [True] * 5)),
+         (dy, dyb, x_out, hb, lg.detach(), lc.detach(), mean2, rstd2, [True] * 5 + [False])),
+        # the float32 bias parameter beside bfloat16 h, as autocast leaves it
+        (torch.ops.sit_ext.gated_residual_ln_modulate.default,
+         (grad_leaf(x), grad_leaf(hb), lg, ls, lc, 1e-6, torch.bfloat16, grad_leaf(bias))),
+        (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
+         (dy, dyb, x_out, hb, lg.detach(), lc.detach(), mean2, rstd2, [True] * 6, bias)),
+        (torch.ops.sit_ext.gated_residual_ln_modulate_backward.default,
+         (dy, dyb, x_out, hb, lg.detach(), lc.detach(), mean2, rstd2, [False] * 5 + [True], bias.bfloat16())),
         (torch.ops.sit_ext.gated_residual.default, (grad_leaf(x), grad_leaf(hb), lg)),
         (torch.ops.sit_ext.gated_residual_backward.default, (dy, hb, lg.detach(), [True, True])),
     ]
@@ -202,6 +231,8 @@ def test_torch_compile_fullgraph(device, autocast):
         y_dtype, (s1, c1, g1, s2, c2, g2) = _fused_dtypes(x, mod(c).chunk(6, dim=1))
         y = ops.ln_modulate(x, s1, c1, out_dtype=y_dtype)
         x, y = ops.gated_residual_ln_modulate(x, lin(y), g1, s2, c2, out_dtype=y_dtype)
+        x, y = ops.gated_residual_ln_modulate(x, torch.nn.functional.linear(y, lin.weight), g2, s1, c1,
+                                              out_dtype=y_dtype, bias=lin.bias)  # bias folded
         return ops.gated_residual(x, lin(y), g2).square().mean()
 
     x, c = torch.randn(3, 10, 32, device=device), torch.randn(3, 16, device=device)
@@ -218,16 +249,17 @@ def test_torch_compile_fullgraph(device, autocast):
 
 
 def test_backward_is_deterministic(device):
-    """dshift, dscale and dgate are sums over T in a fixed order: the same bits on
-    every run and for any number of CPU threads."""
+    """dshift, dscale, dgate and dbias are sums over T (and B) in a fixed order:
+    the same bits on every run and for any number of CPU threads."""
     x, h, dy, dxo = (torch.randn(4, 256, 1152, device=device) for _ in range(4))
     shift, scale, gate = modulation(4, 1152, torch.float32, device, chunked=True)
-    _, _, mean, rstd = torch.ops.sit_ext.gated_residual_ln_modulate(x, h, gate, shift, scale, 1e-6)
-    x_out = ops.gated_residual(x, h, gate)
+    bias = torch.randn(1152, device=device)
+    x_out, _, mean, rstd = torch.ops.sit_ext.gated_residual_ln_modulate(x, h, gate, shift, scale, 1e-6, None,
+                                                                        bias)
 
     def grads():
         return torch.ops.sit_ext.gated_residual_ln_modulate_backward(
-            dxo, dy, x_out, h, gate, scale, mean, rstd, [True] * 5)
+            dxo, dy, x_out, h, gate, scale, mean, rstd, [True] * 6, bias)
 
     assert_bitwise_reproducible(grads)
 
@@ -248,6 +280,17 @@ def test_bad_input(device):
     other = "meta" if device == "cpu" else "cpu"
     expect_error(lambda: ops.ln_modulate(x, shift.to(other), scale), "shift", other)
     expect_error(lambda: ops.gated_residual(x, h, gate.to(other)), "gate", other)
+    bias = torch.randn(8, device=device)
+    expect_error(lambda: ops.gated_residual_ln_modulate(x, h, gate, shift, scale, bias=bias[:4]), "bias", "[8]")
+    expect_error(lambda: ops.gated_residual_ln_modulate(x, h, gate, shift, scale, bias=bias.double()),
+                 "bias", "x's dtype")
+    expect_error(lambda: ops.gated_residual_ln_modulate(x, h, gate, shift, scale, bias=bias.to(other)),
+                 "bias", other)
+    with pytest.raises(TypeError, match="bias must be a Tensor"):
+        ops.gated_residual_ln_modulate(x, h, gate, shift, scale, bias=[0.0] * 8)
+    x_out, _, mean, rstd = torch.ops.sit_ext.gated_residual_ln_modulate(x, h, gate, shift, scale, 1e-6)
+    expect_error(lambda: torch.ops.sit_ext.gated_residual_ln_modulate_backward(
+        None, x, x_out, h, gate, scale, mean, rstd, [False] * 5 + [True]), "output_mask[5]", "no bias")
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 8), (2, 0, 8), (0, 8)], ids=str)
@@ -256,13 +299,16 @@ def test_empty_batch(device, shape):
     x = torch.randn(shape, device=device, requires_grad=True)
     h = torch.randn(shape, device=device, requires_grad=True)
     params = torch.randn(shape[0], 48, device=device, requires_grad=True)
+    bias = torch.randn(shape[-1], device=device, requires_grad=True)
     shift, scale, gate = params.chunk(6, dim=1)[:3]
     x_out, y = ops.gated_residual_ln_modulate(x, h, gate, shift, scale)
-    out = ops.gated_residual(x_out, h, gate) + ops.ln_modulate(x, shift, scale) + y
+    y2 = ops.gated_residual_ln_modulate(x, h, gate, shift, scale, bias=bias)[1]
+    out = ops.gated_residual(x_out, h, gate) + ops.ln_modulate(x, shift, scale) + y + y2
     assert out.shape == shape
     out.sum().backward()
     assert x.grad.shape == x.shape and params.grad.shape == params.shape
     assert torch.equal(params.grad, torch.zeros_like(params))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
 def test_offset_views(device):
@@ -286,8 +332,11 @@ def test_double_backward_refused(device, name):
     """A second derivative through the fused ops raises, never a silently wrong number."""
     x, h = (torch.randn(2, 3, 8, device=device, requires_grad=True) for _ in range(2))
     shift, scale, gate = torch.randn(2, 48, device=device, requires_grad=True).chunk(6, dim=1)[:3]
+    bias = torch.randn(8, device=device, requires_grad=True)
     out = {"ln_modulate": lambda: ops.ln_modulate(x, shift, scale),
            "gated_residual_ln_modulate": lambda: ops.gated_residual_ln_modulate(x, h, gate, shift, scale)[1],
+           "gated_residual_ln_modulate+bias":
+               lambda: ops.gated_residual_ln_modulate(x, h, gate, shift, scale, bias=bias)[1],
            "gated_residual": lambda: ops.gated_residual(x, h, gate)}[name]()
     # (gated_residual passes dx through unchanged; its backward op makes dh.)
     first, = torch.autograd.grad(out.square().sum(), h if name == "gated_residual" else x, create_graph=True)
@@ -315,7 +364,7 @@ def test_rows_with_a_large_mean(device, dtype, mean, dim):
     upstream = [torch.randn(2, 8, dim, dtype=dtype, device=device)]
 
     def run(impl, dtype_=None):
-        return run_op(impl, "ln_modulate", *leaves(x, x, shift, scale, gate, dtype=dtype_), upstream)
+        return run_op(impl, "ln_modulate", *leaves(x, x, shift, scale, gate, dtype=dtype_), None, upstream)
 
     fused, eager, exact = run(ops), run(ref), run(_Shifted, torch.float64)
     for i, (f, e, r) in enumerate(zip(fused, eager, exact)):

@@ -403,3 +403,59 @@ def test_autocast_casts_the_weights_once_per_region(grad):
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert linears <= set(first), sorted(linears - set(first))
     assert second == [], second
+
+
+def test_fused_backbone_folds_the_output_biases(monkeypatch):
+    """Every fused residual gets its branch's bias (attn.proj, mlp.fc2) to add
+    itself, and the Linear no longer adds it: the gradient of each such bias is
+    the fused backward's, and equals the unfused model's."""
+    model = image_model()  # eval: no label dropout, so both paths see the same labels
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    calls = []
+    grlm = sit_ext.ops.gated_residual_ln_modulate
+
+    def spy(*args, bias=None, **kwargs):
+        calls.append(bias)
+        return grlm(*args, bias=bias, **kwargs)
+
+    monkeypatch.setattr(sit_ext.models.ops, "gated_residual_ln_modulate", spy)
+    fused, unfused = both_paths(model, x, t, y)
+    folded = [p for b in model.blocks for p in (b.attn.proj.bias, b.mlp.fc2.bias)]
+    assert len(calls) == len(folded) and all(c is p for c, p in zip(calls, folded))
+    names = [n for n, _ in model.named_parameters() if n.endswith(("attn.proj.bias", "mlp.fc2.bias"))]
+    params = [p for n, p in model.named_parameters() if n in names]
+    got = torch.autograd.grad(fused.square().sum(), params)
+    want = torch.autograd.grad(unfused.square().sum(), params)
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, msg=name)
+
+
+class _Lora(torch.nn.Linear):
+    """A Linear with a low-rank update, as adapter libraries wrap one."""
+
+    def __init__(self, linear):
+        super().__init__(linear.in_features, linear.out_features)
+        self.load_state_dict(linear.state_dict())
+        self.down = torch.nn.Parameter(torch.randn(2, linear.in_features))
+        self.up = torch.nn.Parameter(torch.randn(linear.out_features, 2))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.down.T @ self.up.T
+
+
+@pytest.mark.parametrize("change", ["hook", "subclass"])
+def test_a_wrapped_or_hooked_projection_is_not_bypassed(change):
+    """The fold calls F.linear on a plain nn.Linear's weight; a hooked Linear or
+    a subclass (a LoRA wrapper) runs as it is, so fused still equals unfused."""
+    model = image_model()
+    for block in model.blocks:
+        if change == "hook":
+            block.mlp.fc2.register_forward_hook(lambda m, i, out: out * 1.5)
+        else:
+            block.attn.proj = _Lora(block.attn.proj)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    fused, unfused = both_paths(model, x, t, y)
+    plain = image_model()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    assert not torch.allclose(unfused, plain(x, t, y), atol=1e-3)  # the change matters
+    torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=1e-4)

@@ -58,7 +58,17 @@ void row_for(int64_t n, const VecF& fv, const ScalarF& fs) {
 template <int K, typename out_t, typename Body>
 void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<out_t*, K> outs,
                  const Body& body) {
-  using acc_t = at::opmath_type<out_t>;
+  std::array<bool, K> needed;
+  for (int k = 0; k < K; ++k) needed[k] = outs[k] != nullptr;
+  column_sums<K, at::opmath_type<out_t>>(
+      batch, tokens, dim, needed, body,
+      [&](int k, int64_t b, int64_t d, double v) { outs[k][b * dim + d] = out_t(v); });
+}
+
+// The same, with the totals handed to emit(k, b, d, total) for the k needed.
+template <int K, typename acc_t, typename Body, typename Emit>
+void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<bool, K> needed,
+                 const Body& body, const Emit& emit) {
   const int64_t chunks = std::max<int64_t>(1, (tokens + kRowChunk - 1) / kRowChunk);
   if (chunks == 1) {  // a whole sample per task: straight into the outputs
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, tokens * dim));
@@ -68,8 +78,8 @@ void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<out_t*, 
         std::fill(acc.begin(), acc.end(), acc_t(0));
         body(b, b * tokens, (b + 1) * tokens, acc.data());
         for (int k = 0; k < K; ++k) {
-          if (outs[k] == nullptr) continue;
-          for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = out_t(acc[k * dim + d]);
+          if (!needed[k]) continue;
+          for (int64_t d = 0; d < dim; ++d) emit(k, b, d, double(acc[k * dim + d]));
         }
       }
     });
@@ -89,13 +99,13 @@ void column_sums(int64_t batch, int64_t tokens, int64_t dim, std::array<out_t*, 
     std::vector<double> total(static_cast<size_t>(dim));
     for (int64_t bk = lo; bk < hi; ++bk) {
       const int64_t b = bk / K, k = bk % K;
-      if (outs[k] == nullptr) continue;
+      if (!needed[k]) continue;
       std::fill(total.begin(), total.end(), 0.0);
       for (int64_t c = 0; c < chunks; ++c) {
         const acc_t* p = &partial[((b * chunks + c) * K + k) * dim];
         for (int64_t d = 0; d < dim; ++d) total[d] += p[d];
       }
-      for (int64_t d = 0; d < dim; ++d) outs[k][b * dim + d] = out_t(total[d]);
+      for (int64_t d = 0; d < dim; ++d) emit(k, b, d, total[d]);
     }
   });
 }
@@ -108,7 +118,8 @@ void accumulate(acc_t* acc, int64_t i, const Vec& v) {
 
 // ------------------------------------------------------------------ forward
 
-// x_out = x + gate h (when h is given), then y = LN(x_out) (1 + scale) + shift.
+// x_out = x + gate (h + bias) (when h is given; bias when given), then
+// y = LN(x_out) (1 + scale) + shift.
 template <typename x_t, typename l_t, typename y_t>
 void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, const Tensor& scale,
                    double eps, Tensor& x_out, Tensor& y, Tensor& mean, Tensor& rstd) {
@@ -123,6 +134,7 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, 
   const bool residual = a.h.defined();
   const x_t* x = a.x.const_data_ptr<x_t>();
   const l_t* h = residual ? a.h.const_data_ptr<l_t>() : nullptr;
+  const acc_t* bias = in_ptr<acc_t>(a.bias);
   const l_t* gate_p = residual ? gate.const_data_ptr<l_t>() : nullptr;
   const l_t* shift_p = shift.const_data_ptr<l_t>();
   const l_t* scale_p = scale.const_data_ptr<l_t>();
@@ -141,11 +153,13 @@ void adaln_forward(const AdalnArgs& a, const Tensor& gate, const Tensor& shift, 
         row_for<acc_t>(
             D,
             [&](int64_t i) {
-              X::store(xo + i,
-                       gated_residual_value(X::load(src + i), L::load(g + i), L::load(hr + i)));
+              Vec hv = L::load(hr + i);
+              if (bias) hv += Vec::loadu(bias + i);
+              X::store(xo + i, gated_residual_value(X::load(src + i), L::load(g + i), hv));
             },
             [&](int64_t i) {
-              xo[i] = x_t(gated_residual_value(acc_t(src[i]), acc_t(g[i]), acc_t(hr[i])));
+              const acc_t hv = acc_t(hr[i]) + (bias ? acc_t(bias[i]) : acc_t(0));
+              xo[i] = x_t(gated_residual_value(acc_t(src[i]), acc_t(g[i]), hv));
             });
         src = xo;  // normalise the stored (rounded) x_out, as backward will see it
       }
@@ -206,9 +220,9 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x, const Tensor& sh
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate(
     const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift, const Tensor& scale,
-    double eps, std::optional<at::ScalarType> out_dtype) {
-  AdalnForward f =
-      adaln_forward_args("gated_residual_ln_modulate", true, x, h, gate, shift, scale, out_dtype);
+    double eps, std::optional<at::ScalarType> out_dtype, const std::optional<Tensor>& bias) {
+  AdalnForward f = adaln_forward_args("gated_residual_ln_modulate", true, x, h, gate, shift, scale,
+                                      out_dtype, bias);
   forward(f.a, gate, shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
   return {f.x_out, f.y, f.mean, f.rstd};
 }
@@ -253,16 +267,20 @@ Tensor gated_residual(const Tensor& x_, const Tensor& h_, const Tensor& gate) {
 // The LayerNorm + modulate backward of one row, plus (for the gated residual)
 // the residual's own gradient grad_x_out. Writes dx_total = dx_ln + grad_x_out
 // (as dx, and times gate as dh) and adds the row's column terms into acc:
-// [0, D) dshift, [D, 2D) dscale, [2D, 3D) dgate.
+// [0, D) dshift, [D, 2D) dscale, [2D, 3D) dgate, [3D, 4D) gate dx_total (the
+// folded bias's gradient, summed over samples later).
+constexpr int kColumnSums = 4;
+
 struct RowGrads {
   int64_t dim;
-  bool need_shift, need_scale, need_gate;
+  bool need_shift, need_scale, need_gate, need_bias;
 };
 
 template <typename x_t, typename l_t, typename y_t>
 void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const x_t* dxo,
-                        const l_t* h, const l_t* gate, const l_t* scale, at::opmath_type<x_t> mu,
-                        at::opmath_type<x_t> rs, x_t* dx, l_t* dh, at::opmath_type<x_t>* acc) {
+                        const l_t* h, const at::opmath_type<x_t>* bias, const l_t* gate,
+                        const l_t* scale, at::opmath_type<x_t> mu, at::opmath_type<x_t> rs, x_t* dx,
+                        l_t* dh, at::opmath_type<x_t>* acc) {
   using X = VecIO<x_t>;
   using L = VecIO<l_t>;
   using Y = VecIO<y_t>;
@@ -300,7 +318,7 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
   // general formula gives rstd times a rounding difference, with rstd ~ 1/sqrt(eps).)
   const acc_t rs_dx = D == 1 ? acc_t(0) : rs;
   const Vec a_v(a), c_v(c), rs_dx_v(rs_dx);
-  const bool need_total = dx != nullptr || dh != nullptr || rg.need_gate;
+  const bool need_total = dx != nullptr || dh != nullptr || rg.need_gate || rg.need_bias;
   row_for<acc_t>(
       D,
       [&](int64_t i) {
@@ -311,8 +329,16 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
         Vec total = layer_norm_grad(dyv * (one + L::load(scale + i)), xhat, a_v, c_v, rs_dx_v);
         if (dxo) total += X::load(dxo + i);
         if (dx) X::store(dx + i, total);
-        if (dh) L::store(dh + i, L::load(gate + i) * total);
-        if (rg.need_gate) accumulate(acc + 2 * D, i, total * L::load(h + i));
+        if (dh || rg.need_bias) {
+          const Vec dhv = L::load(gate + i) * total;
+          if (dh) L::store(dh + i, dhv);
+          if (rg.need_bias) accumulate(acc + 3 * D, i, dhv);
+        }
+        if (rg.need_gate) {
+          Vec hv = L::load(h + i);
+          if (bias) hv += Vec::loadu(bias + i);
+          accumulate(acc + 2 * D, i, total * hv);
+        }
       },
       [&](int64_t i) {
         const acc_t dyv = acc_t(dy[i]), xhat = centred(acc_t(xo[i]), ctr.c0, ctr.c1) * rs;
@@ -322,16 +348,21 @@ void adaln_backward_row(const RowGrads& rg, const x_t* xo, const y_t* dy, const 
         acc_t total = layer_norm_grad(dyv * (acc_t(1) + acc_t(scale[i])), xhat, a, c, rs_dx);
         if (dxo) total += acc_t(dxo[i]);
         if (dx) dx[i] = x_t(total);
-        if (dh) dh[i] = l_t(acc_t(gate[i]) * total);
-        if (rg.need_gate) acc[2 * D + i] += total * acc_t(h[i]);
+        const acc_t dhv = gate ? acc_t(gate[i]) * total : acc_t(0);
+        if (dh) dh[i] = l_t(dhv);
+        if (rg.need_bias) acc[3 * D + i] += dhv;
+        if (rg.need_gate)
+          acc[2 * D + i] += total * (acc_t(h[i]) + (bias ? acc_t(bias[i]) : acc_t(0)));
       });
 }
 
 // The LayerNorm + modulate backward of every row, with the gated residual when
-// h is defined. Outputs not asked for are empty.
+// h is defined (and its folded bias when a.bias is). Outputs not asked for are
+// empty. dbias is the sum over samples of each sample's column sums of gate
+// dx_total, added in sample order.
 void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Tensor& gate,
               const Tensor& scale, const Tensor& mean, const Tensor& rstd, Tensor& dx, Tensor& dh,
-              Tensor& dgate, Tensor& dshift, Tensor& dscale) {
+              Tensor& dgate, Tensor& dshift, Tensor& dscale, Tensor& dbias) {
   with_adaln_types(a.x.scalar_type(), *a.low, dy.scalar_type(), [&](auto tx, auto tl, auto ty) {
     using x_t = typename decltype(tx)::type;
     using l_t = typename decltype(tl)::type;
@@ -344,21 +375,39 @@ void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Ten
     const x_t* dxo_p = in_ptr<x_t>(dxo);
     const l_t *h = in_ptr<l_t>(a.h), *gate_p = in_ptr<l_t>(gate),
               *scale_p = scale.const_data_ptr<l_t>();
+    const acc_t* bias = in_ptr<acc_t>(a.bias);
     const acc_t *mean_p = mean.const_data_ptr<acc_t>(), *rstd_p = rstd.const_data_ptr<acc_t>();
     x_t* dx_p = out_ptr<x_t>(dx);
     l_t* dh_p = out_ptr<l_t>(dh);
-    const RowGrads rg{D, dshift.numel() > 0, dscale.numel() > 0, dgate.numel() > 0};
-    column_sums<3, l_t>(
-        a.batch, T, D, {out_ptr<l_t>(dshift), out_ptr<l_t>(dscale), out_ptr<l_t>(dgate)},
+    const RowGrads rg{D, dshift.numel() > 0, dscale.numel() > 0, dgate.numel() > 0,
+                      dbias.numel() > 0};
+    l_t* outs[3] = {out_ptr<l_t>(dshift), out_ptr<l_t>(dscale), out_ptr<l_t>(dgate)};
+    std::vector<double> per_sample_bias(rg.need_bias ? a.batch * D : 0);
+    column_sums<kColumnSums, acc_t>(
+        a.batch, T, D, {rg.need_shift, rg.need_scale, rg.need_gate, rg.need_bias},
         [&](int64_t b, int64_t lo, int64_t hi, acc_t* acc) {
           for (int64_t r = lo; r < hi; ++r) {
             const int64_t o = r * D;
             adaln_backward_row<x_t, l_t, y_t>(
-                rg, xo + o, dy_p + o, dxo_p ? dxo_p + o : nullptr, h ? h + o : nullptr,
+                rg, xo + o, dy_p + o, dxo_p ? dxo_p + o : nullptr, h ? h + o : nullptr, bias,
                 gate_p ? gate_p + b * gs : nullptr, scale_p + b * cs, mean_p[r], rstd_p[r],
                 dx_p ? dx_p + o : nullptr, dh_p ? dh_p + o : nullptr, acc);
           }
+        },
+        [&](int k, int64_t b, int64_t d, double v) {
+          if (k < 3) {
+            outs[k][b * D + d] = l_t(v);
+          } else {
+            per_sample_bias[b * D + d] = v;
+          }
         });
+    if (!rg.need_bias) return;
+    acc_t* dbias_p = dbias.mutable_data_ptr<acc_t>();
+    for (int64_t d = 0; d < D; ++d) {
+      double s = 0;
+      for (int64_t b = 0; b < a.batch; ++b) s += per_sample_bias[b * D + d];
+      dbias_p[d] = acc_t(s);
+    }
   });
 }
 
@@ -369,19 +418,20 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y, co
   AdalnBackward g =
       ln_modulate_backward_args("ln_modulate_backward", grad_y, x, scale, mean, rstd, mask);
   backward(g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift,
-           g.dscale);
+           g.dscale, g.dbias);
   return {g.dx, g.dshift, g.dscale};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_backward(
     const std::optional<Tensor>& grad_x_out, const Tensor& grad_y, const Tensor& x_out,
     const Tensor& h, const Tensor& gate, const Tensor& scale, const Tensor& mean,
-    const Tensor& rstd, std::array<bool, 5> mask) {
-  AdalnBackward g =
-      gated_residual_ln_modulate_backward_args("gated_residual_ln_modulate_backward", grad_x_out,
-                                               grad_y, x_out, h, gate, scale, mean, rstd, mask);
-  backward(g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale);
-  return {g.dx, g.dh, g.dgate, g.dshift, g.dscale};
+    const Tensor& rstd, std::array<bool, 6> mask, const std::optional<Tensor>& bias) {
+  AdalnBackward g = gated_residual_ln_modulate_backward_args("gated_residual_ln_modulate_backward",
+                                                             grad_x_out, grad_y, x_out, h, gate,
+                                                             scale, mean, rstd, mask, bias);
+  backward(g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift, g.dscale,
+           g.dbias);
+  return {g.dx, g.dh, g.dgate, g.dshift, g.dscale, bias_grad(g)};
 }
 
 std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Tensor& h_,

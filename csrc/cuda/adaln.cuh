@@ -45,20 +45,37 @@ __device__ __forceinline__ void block_allreduce(acc_t (&v)[N]) {
   __syncthreads();
 }
 
-// The per-sample [B, D] vectors, each with its own row stride.
+// The per-sample [B, D] vectors, each with its own row stride, and the [D]
+// bias folded into h (null when none).
 template <typename l_t>
 struct ModArgs {
   const l_t* gate;
   const l_t* shift;
   const l_t* scale;
   int64_t gate_stride, shift_stride, scale_stride;
+  const at::opmath_type<l_t>* bias;  // in the accumulation dtype
 };
 
 template <typename l_t>
-ModArgs<l_t> mod_args(const at::Tensor& gate, const at::Tensor& shift, const at::Tensor& scale) {
+ModArgs<l_t> mod_args(const at::Tensor& gate, const at::Tensor& shift, const at::Tensor& scale,
+                      const at::Tensor& bias = at::Tensor()) {
   auto stride = [](const at::Tensor& t) { return t.defined() ? t.stride(0) : int64_t(0); };
-  return {in_ptr<l_t>(gate), in_ptr<l_t>(shift), in_ptr<l_t>(scale),
-          stride(gate),      stride(shift),      stride(scale)};
+  return {in_ptr<l_t>(gate),
+          in_ptr<l_t>(shift),
+          in_ptr<l_t>(scale),
+          stride(gate),
+          stride(shift),
+          stride(scale),
+          in_ptr<at::opmath_type<l_t>>(bias)};
+}
+
+// Elements [col, col + kVec) of the folded bias, zeros without one.
+template <int kVec, typename l_t>
+__device__ __forceinline__ Pack<at::opmath_type<l_t>, kVec> load_bias(const ModArgs<l_t>& mod,
+                                                                      int64_t col) {
+  Pack<at::opmath_type<l_t>, kVec> v{};
+  if (mod.bias != nullptr) v = load_pack<kVec>(mod.bias + col);
+  return v;
 }
 
 // Whether packs of kVec fit D, every pointer and every modulation row stride.
@@ -66,7 +83,7 @@ template <int kVec, typename l_t, typename... Ts>
 bool packs_fit(int64_t dim, const ModArgs<l_t>& mod, const Ts*... ptrs) {
   return dim % kVec == 0 && mod.gate_stride % kVec == 0 && mod.shift_stride % kVec == 0 &&
          mod.scale_stride % kVec == 0 &&
-         packs_aligned<kVec>(mod.gate, mod.shift, mod.scale, ptrs...);
+         packs_aligned<kVec>(mod.gate, mod.shift, mod.scale, mod.bias, ptrs...);
 }
 
 // Threads for a resident row of D elements, kPerThread per thread in packs of

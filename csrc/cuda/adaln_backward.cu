@@ -1,8 +1,9 @@
 // CUDA backward kernels of the AdaLN-Zero family (layout and dtypes: adaln.cuh).
 //
 // A block handles a chunk of rows of one sample (chunks sized from T alone).
-// Each thread sums its columns' dshift/dscale/dgate terms over the chunk and
-// writes them to a partial buffer; a second kernel adds the chunks in order.
+// Each thread sums its columns' dshift/dscale/dgate terms (and gate dx_total,
+// the folded bias's) over the chunk and writes them to a partial buffer; a
+// second kernel adds the chunks in order (and a third, for dbias, the samples).
 // No atomics: the same bits on every run and on every GPU.
 //
 // Resident rows (D <= 4096 in packs, 2048 by single elements) take one pass: a thread keeps
@@ -22,8 +23,10 @@ constexpr int kBackwardThreads = 512;  // resident rows up to kElems * 512 = 409
 template <int kVec>
 constexpr int kBackwardElems = kVec == 1 ? kElems / 2 : kElems;
 
+constexpr int kSums = 4;  // column sums per chunk: dshift, dscale, dgate, gate dx_total
+
 // Pointers of one backward launch. Null outputs are not computed; partial is
-// [B * chunks, 3, D] (dshift, dscale, dgate) or null.
+// [B * chunks, kSums, D] or null.
 template <typename x_t, typename l_t, typename y_t>
 struct BackwardArgs {
   const y_t* dy;
@@ -35,20 +38,21 @@ struct BackwardArgs {
   x_t* dx;
   l_t* dh;
   at::opmath_type<x_t>* partial;
-  bool need_shift, need_scale, need_gate;
+  bool need_shift, need_scale, need_gate, need_bias;
 };
 
-// Writes the chunk's column sums acc[q] (q: dshift, dscale, dgate) of this
-// thread's columns [col, col + kVec).
+// Writes the chunk's column sums acc[q] (q: dshift, dscale, dgate, gate
+// dx_total) of this thread's columns [col, col + kVec).
 template <int kVec, typename acc_t, typename Args>
 __device__ __forceinline__ void store_partial(const Args& a, int64_t block, int64_t dim,
-                                              int64_t col, const acc_t (&acc)[3][kVec]) {
-  acc_t* out = a.partial + block * 3 * dim + col;
+                                              int64_t col, const acc_t (&acc)[kSums][kVec]) {
+  acc_t* out = a.partial + block * kSums * dim + col;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) {
     if (a.need_shift) out[j] = acc[0][j];
     if (a.need_scale) out[dim + j] = acc[1][j];
     if (a.need_gate) out[2 * dim + j] = acc[2][j];
+    if (a.need_bias) out[3 * dim + j] = acc[3][j];
   }
 }
 
@@ -87,20 +91,25 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
                 last = b * tokens + min64(tokens, (chunk + 1) * chunk_rows);
   // LayerNorm over a single element is constant: no gradient reaches x.
   const acc_t ln_on = dim == 1 ? acc_t(0) : acc_t(1);
-  acc_t acc[kPacks][3][kVec] = {};
-  acc_t one_plus_scale[kPacks][kVec], gate[kPacks][kVec];
+  acc_t acc[kPacks][kSums][kVec] = {};
+  acc_t one_plus_scale[kPacks][kVec], gate[kPacks][kVec], bias[kPacks][kVec];
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     const int64_t p = threadIdx.x + int64_t(k) * blockDim.x;
     Pack<l_t, kVec> sc{}, gv{};
+    Pack<acc_t, kVec> bv{};
     if (p < packs) {
       sc = load_pack<kVec>(mod.scale + b * mod.scale_stride + p * kVec);
-      if constexpr (kResidual) gv = load_pack<kVec>(mod.gate + b * mod.gate_stride + p * kVec);
+      if constexpr (kResidual) {
+        gv = load_pack<kVec>(mod.gate + b * mod.gate_stride + p * kVec);
+        bv = load_bias<kVec>(mod, p * kVec);
+      }
     }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       one_plus_scale[k][j] = acc_t(1) + acc_t(sc.v[j]);
       gate[k][j] = acc_t(gv.v[j]);
+      bias[k][j] = acc_t(bv.v[j]);
     }
   }
 
@@ -153,8 +162,10 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
         if (a.dxo) total += acc_t(dxo[k].v[j]);
         out_dx.v[j] = x_t(total);
         if constexpr (kResidual) {
-          out_dh.v[j] = l_t(gate[k][j] * total);
-          acc[k][2][j] += total * acc_t(hv[k].v[j]);
+          const acc_t dh = gate[k][j] * total;
+          out_dh.v[j] = l_t(dh);
+          acc[k][2][j] += total * (acc_t(hv[k].v[j]) + bias[k][j]);
+          acc[k][3][j] += dh;
         }
       }
       if (a.dx) store_pack<kVec>(a.dx + o, out_dx);
@@ -219,8 +230,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const acc_t ln_on = dim == 1 ? acc_t(0) : acc_t(1);
   const auto sc = load_pack<kVec>(mod.scale + b * mod.scale_stride + col);
   Pack<l_t, kVec> gv{};
-  if constexpr (kResidual) gv = load_pack<kVec>(mod.gate + b * mod.gate_stride + col);
-  acc_t acc[3][kVec] = {};
+  Pack<acc_t, kVec> bv{};
+  if constexpr (kResidual) {
+    gv = load_pack<kVec>(mod.gate + b * mod.gate_stride + col);
+    bv = load_bias<kVec>(mod, col);
+  }
+  acc_t acc[kSums][kVec] = {};
   for (int64_t row = first; row < last; ++row) {
     const int64_t o = row * dim + col;
     const acc_t rs = a.rstd[row];
@@ -242,8 +257,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (a.dxo) total += acc_t(dxo.v[j]);
       out_dx.v[j] = x_t(total);
       if constexpr (kResidual) {
-        out_dh.v[j] = l_t(acc_t(gv.v[j]) * total);
-        acc[2][j] += total * acc_t(hv.v[j]);
+        const acc_t dh = acc_t(gv.v[j]) * total;
+        out_dh.v[j] = l_t(dh);
+        acc[2][j] += total * (acc_t(hv.v[j]) + acc_t(bv.v[j]));
+        acc[3][j] += dh;
       }
     }
     if (a.dx) store_pack<kVec>(a.dx + o, out_dx);
@@ -305,17 +322,31 @@ __global__ void column_sums_kernel(const acc_t* __restrict__ partial, int64_t ba
   }
 }
 
+// dbias[d] = sum over samples b and chunks c of partial[b * chunks + c, 3, d],
+// in that order.
+template <typename acc_t>
+__global__ void bias_grad_kernel(const acc_t* __restrict__ partial, int64_t blocks, int64_t dim,
+                                 acc_t* __restrict__ dbias) {
+  const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (d >= dim) return;
+  double s = 0;
+  for (int64_t i = 0; i < blocks; ++i) s += partial[(i * kSums + 3) * dim + d];
+  dbias[d] = acc_t(s);
+}
+
 // -------------------------------------------------------------- host side
 
-// The LayerNorm + modulate backward, with the gated residual when h is defined.
-// Outputs not asked for are left empty.
+// The LayerNorm + modulate backward, with the gated residual when h is defined
+// (and its folded bias when a.bias is). Outputs not asked for are left empty.
 void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const Tensor& dxo,
                     const Tensor& gate, const Tensor& scale, const Tensor& mean, const Tensor& rstd,
-                    Tensor& dx, Tensor& dh, Tensor& dgate, Tensor& dshift, Tensor& dscale) {
-  const bool need_cols = dgate.numel() > 0 || dshift.numel() > 0 || dscale.numel() > 0;
+                    Tensor& dx, Tensor& dh, Tensor& dgate, Tensor& dshift, Tensor& dscale,
+                    Tensor& dbias) {
+  const bool need_cols =
+      dgate.numel() > 0 || dshift.numel() > 0 || dscale.numel() > 0 || dbias.numel() > 0;
   if (a.batch == 0 || a.tokens == 0) {
     // No rows: the per-sample gradients are sums over nothing.
-    for (Tensor* t : {&dgate, &dshift, &dscale}) t->zero_();
+    for (Tensor* t : {&dgate, &dshift, &dscale, &dbias}) t->zero_();
     return;
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -325,7 +356,7 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
     using y_t = typename decltype(ty)::type;
     using acc_t = at::opmath_type<x_t>;
     constexpr int kWide = kVecOfWidest<x_t, l_t, y_t>;
-    const ModArgs<l_t> mod = mod_args<l_t>(gate, Tensor(), scale);
+    const ModArgs<l_t> mod = mod_args<l_t>(gate, Tensor(), scale, a.bias);
     BackwardArgs<x_t, l_t, y_t> args{in_ptr<y_t>(dy),
                                      in_ptr<x_t>(a.x),
                                      in_ptr<x_t>(dxo),
@@ -337,7 +368,8 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
                                      nullptr,
                                      dshift.numel() > 0,
                                      dscale.numel() > 0,
-                                     dgate.numel() > 0};
+                                     dgate.numel() > 0,
+                                     dbias.numel() > 0};
     const bool wide =
         packs_fit<kWide>(a.dim, mod, args.dy, args.xo, args.dxo, args.h, args.dx, args.dh);
     with_pack_width<kWide>(wide, [&](auto vec) {
@@ -346,7 +378,7 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
       const int64_t chunks = ceil_div(a.tokens, chunk_rows), blocks = a.batch * chunks;
       Tensor partial;
       if (need_cols) {
-        partial = at::empty({blocks * 3 * a.dim}, mean.options());
+        partial = at::empty({blocks * kSums * a.dim}, mean.options());
         args.partial = partial.mutable_data_ptr<acc_t>();
       }
       const bool residual = a.h.defined();
@@ -372,10 +404,18 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (!need_cols) return;
-      column_sums_kernel<acc_t, l_t><<<ceil_div(a.batch * a.dim, kThreads), kThreads, 0, stream>>>(
-          args.partial, a.batch, chunks, 3, a.dim, out_ptr<l_t>(dshift), out_ptr<l_t>(dscale),
-          out_ptr<l_t>(dgate));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (args.need_shift || args.need_scale || args.need_gate) {
+        column_sums_kernel<acc_t, l_t>
+            <<<ceil_div(a.batch * a.dim, kThreads), kThreads, 0, stream>>>(
+                args.partial, a.batch, chunks, kSums, a.dim, out_ptr<l_t>(dshift),
+                out_ptr<l_t>(dscale), out_ptr<l_t>(dgate));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (args.need_bias) {
+        bias_grad_kernel<acc_t><<<ceil_div(a.dim, kThreads), kThreads, 0, stream>>>(
+            args.partial, blocks, a.dim, out_ptr<acc_t>(dbias));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   });
 }
@@ -388,21 +428,21 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate_backward(const Tensor& grad_y, co
   AdalnBackward g = ln_modulate_backward_args(op, grad_y, x, scale, mean, rstd, mask);
   const c10::cuda::CUDAGuard guard(g.a.x.device());
   adaln_backward(op, g.a, g.dy, Tensor(), Tensor(), scale, mean, rstd, g.dx, g.dh, g.dgate,
-                 g.dshift, g.dscale);
+                 g.dshift, g.dscale, g.dbias);
   return {g.dx, g.dshift, g.dscale};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate_backward(
     const std::optional<Tensor>& grad_x_out, const Tensor& grad_y, const Tensor& x_out,
     const Tensor& h, const Tensor& gate, const Tensor& scale, const Tensor& mean,
-    const Tensor& rstd, std::array<bool, 5> mask) {
+    const Tensor& rstd, std::array<bool, 6> mask, const std::optional<Tensor>& bias) {
   constexpr const char* op = "gated_residual_ln_modulate_backward";
   AdalnBackward g = gated_residual_ln_modulate_backward_args(op, grad_x_out, grad_y, x_out, h, gate,
-                                                             scale, mean, rstd, mask);
+                                                             scale, mean, rstd, mask, bias);
   const c10::cuda::CUDAGuard guard(g.a.x.device());
   adaln_backward(op, g.a, g.dy, g.dxo, gate, scale, mean, rstd, g.dx, g.dh, g.dgate, g.dshift,
-                 g.dscale);
-  return {g.dx, g.dh, g.dgate, g.dshift, g.dscale};
+                 g.dscale, g.dbias);
+  return {g.dx, g.dh, g.dgate, g.dshift, g.dscale, bias_grad(g)};
 }
 
 std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_, const Tensor& h_,

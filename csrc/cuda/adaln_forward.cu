@@ -14,7 +14,7 @@ using at::Tensor;
 constexpr int kForwardThreads = 1024;  // resident rows up to kElems * 1024 = 8192 elements
 constexpr int kForwardRows = 2;        // rows a resident block normalises at once
 
-// x_out = x + gate h (kResidual), y = LN(x_out) (1 + scale) + shift, for
+// x_out = x + gate (h + bias) (kResidual), y = LN(x_out) (1 + scale) + shift, for
 // kForwardRows rows per block, each read once.
 template <typename x_t, typename l_t, typename y_t, int kVec, bool kResidual>
 __global__ void __launch_bounds__(kForwardThreads)
@@ -40,11 +40,13 @@ __global__ void __launch_bounds__(kForwardThreads)
         xv = load_pack<kVec>(x + o);
         if constexpr (kResidual) {
           const auto hv = load_pack<kVec>(h + o);
+          const auto bv = load_bias<kVec>(mod, p * kVec);
           const auto gv = load_pack<kVec>(mod.gate + b * mod.gate_stride + p * kVec);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
             // Round x_out to its dtype first: backward normalises the stored x_out.
-            xv.v[j] = x_t(gated_residual_value(acc_t(xv.v[j]), acc_t(gv.v[j]), acc_t(hv.v[j])));
+            xv.v[j] = x_t(gated_residual_value(acc_t(xv.v[j]), acc_t(gv.v[j]),
+                                               acc_t(hv.v[j]) + acc_t(bv.v[j])));
           }
           store_pack<kVec>(x_out + o, xv);
         }
@@ -128,10 +130,12 @@ __global__ void __launch_bounds__(kForwardThreads)
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       auto xv = load_pack<kVec>(x + o + p * kVec);
       const auto hv = load_pack<kVec>(h + o + p * kVec);
+      const auto bv = load_bias<kVec>(mod, p * kVec);
       const auto gv = load_pack<kVec>(mod.gate + b * mod.gate_stride + p * kVec);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        xv.v[j] = x_t(gated_residual_value(acc_t(xv.v[j]), acc_t(gv.v[j]), acc_t(hv.v[j])));
+        xv.v[j] = x_t(
+            gated_residual_value(acc_t(xv.v[j]), acc_t(gv.v[j]), acc_t(hv.v[j]) + acc_t(bv.v[j])));
       }
       store_pack<kVec>(x_out + o + p * kVec, xv);
     }
@@ -212,7 +216,7 @@ void adaln_forward(const char* op, const AdalnArgs& a, const Tensor& gate, const
     using y_t = typename decltype(ty)::type;
     using acc_t = at::opmath_type<x_t>;
     constexpr int kWide = kVecOfWidest<x_t, l_t, y_t>;
-    const ModArgs<l_t> mod = mod_args<l_t>(gate, shift, scale);
+    const ModArgs<l_t> mod = mod_args<l_t>(gate, shift, scale, a.bias);
     const x_t* x = in_ptr<x_t>(a.x);
     const l_t* h = in_ptr<l_t>(a.h);
     x_t* xo = out_ptr<x_t>(x_out);
@@ -253,9 +257,9 @@ std::tuple<Tensor, Tensor, Tensor> ln_modulate(const Tensor& x, const Tensor& sh
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_residual_ln_modulate(
     const Tensor& x, const Tensor& h, const Tensor& gate, const Tensor& shift, const Tensor& scale,
-    double eps, std::optional<at::ScalarType> out_dtype) {
+    double eps, std::optional<at::ScalarType> out_dtype, const std::optional<Tensor>& bias) {
   constexpr const char* op = "gated_residual_ln_modulate";
-  AdalnForward f = adaln_forward_args(op, true, x, h, gate, shift, scale, out_dtype);
+  AdalnForward f = adaln_forward_args(op, true, x, h, gate, shift, scale, out_dtype, bias);
   const c10::cuda::CUDAGuard guard(f.a.x.device());
   adaln_forward(op, f.a, gate, shift, scale, eps, f.x_out, f.y, f.mean, f.rstd);
   return {f.x_out, f.y, f.mean, f.rstd};

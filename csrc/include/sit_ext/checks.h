@@ -195,6 +195,8 @@ struct AdalnArgs {
   at::Tensor x, h;
   int64_t batch, tokens, dim;
   std::optional<at::ScalarType> low;
+  at::Tensor bias = {};  // h's folded [D] bias in the accumulation dtype, or undefined
+  at::ScalarType bias_dtype = at::kFloat;  // the bias as given (its gradient's dtype)
 };
 
 inline bool is_autocast_pair(at::ScalarType x, at::ScalarType low) {
@@ -251,6 +253,24 @@ inline void check_modulation(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK(v.stride(1) == 1 || a.dim == 1, "sit_ext.", op, ": expected ", name,
               " to have inner stride 1 (a [B, D] view with contiguous rows), got strides ",
               v.strides());
+}
+
+// The bias folded into h (gated_residual_ln_modulate): absent, or [D] on x's
+// device in x's dtype or h's (under autocast: the float32 parameter as it is,
+// with no cast of its own). Kernels read it in the accumulation dtype.
+inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, AdalnArgs& a) {
+  if (!bias.has_value() || !bias->defined()) return;
+  const at::Tensor& b = *bias;
+  check_float(op, "bias", b);
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == a.dim, "sit_ext.", op, ": expected bias of shape [",
+              a.dim, "] (one value per feature of h), got ", b.sizes());
+  TORCH_CHECK(b.device() == a.x.device(), "sit_ext.", op, ": expected bias on ", a.x.device(),
+              ", got ", b.device());
+  const at::ScalarType x = a.x.scalar_type(), low = a.low.value_or(x);
+  TORCH_CHECK(b.scalar_type() == x || b.scalar_type() == low, "sit_ext.", op,
+              ": expected bias in x's dtype (", x, ") or h's (", low, "), got ", b.scalar_type());
+  a.bias = b.to(at::toOpMathType(x)).contiguous();
+  a.bias_dtype = b.scalar_type();
 }
 
 // The dtype of y (named `name`): X or L.
@@ -330,9 +350,11 @@ struct AdalnForward {
 inline AdalnForward adaln_forward_args(const char* op, bool residual, const at::Tensor& x,
                                        const at::Tensor& h, const at::Tensor& gate,
                                        const at::Tensor& shift, const at::Tensor& scale,
-                                       std::optional<at::ScalarType> out_dtype) {
+                                       std::optional<at::ScalarType> out_dtype,
+                                       const std::optional<at::Tensor>& bias = std::nullopt) {
   AdalnForward f{residual ? adaln_args_with_h(op, "x", x, h) : adaln_args(op, "x", x)};
   if (residual) check_modulation(op, "gate", gate, f.a);
+  check_bias(op, bias, f.a);
   check_modulation(op, "shift", shift, f.a);
   check_modulation(op, "scale", scale, f.a);
   if (residual) f.x_out = at::empty_like(f.a.x);
@@ -346,6 +368,7 @@ struct AdalnBackward {
   AdalnArgs a;
   at::Tensor dy, dxo;                        // contiguous; dxo undefined when not given
   at::Tensor dx, dh, dgate, dshift, dscale;  // empty when not asked for
+  at::Tensor dbias;                          // in the accumulation dtype; see bias_grad
 };
 
 inline AdalnBackward ln_modulate_backward_args(const char* op, const at::Tensor& grad_y,
@@ -360,15 +383,20 @@ inline AdalnBackward ln_modulate_backward_args(const char* op, const at::Tensor&
   g.dshift = per_sample_empty(mask[1], g.a);
   g.dscale = per_sample_empty(mask[2], g.a);
   g.dgate = per_sample_empty(false, g.a);
+  g.dbias = acc_empty({0}, g.a.x);
   return g;
 }
 
 inline AdalnBackward gated_residual_ln_modulate_backward_args(
     const char* op, const std::optional<at::Tensor>& grad_x_out, const at::Tensor& grad_y,
     const at::Tensor& x_out, const at::Tensor& h, const at::Tensor& gate, const at::Tensor& scale,
-    const at::Tensor& mean, const at::Tensor& rstd, std::array<bool, 5> mask) {
+    const at::Tensor& mean, const at::Tensor& rstd, std::array<bool, 6> mask,
+    const std::optional<at::Tensor>& bias) {
   AdalnBackward g{adaln_args_with_h(op, "x_out", x_out, h)};
   check_modulation(op, "gate", gate, g.a);
+  check_bias(op, bias, g.a);
+  TORCH_CHECK(!mask[5] || g.a.bias.defined(), "sit_ext.", op,
+              ": output_mask[5] asks for the gradient of bias, but no bias was given");
   check_modulation(op, "scale", scale, g.a);
   g.dy = grad_y_arg(op, grad_y, g.a);
   if (grad_x_out.has_value()) {
@@ -381,7 +409,13 @@ inline AdalnBackward gated_residual_ln_modulate_backward_args(
   g.dgate = per_sample_empty(mask[2], g.a);
   g.dshift = per_sample_empty(mask[3], g.a);
   g.dscale = per_sample_empty(mask[4], g.a);
+  g.dbias = acc_empty({mask[5] ? g.a.dim : 0}, g.a.x);
   return g;
+}
+
+// The folded bias's gradient in the bias's own dtype (empty, in L, when not asked for).
+inline at::Tensor bias_grad(const AdalnBackward& g) {
+  return g.dbias.numel() > 0 ? as_dtype(g.dbias, g.a.bias_dtype) : per_sample_empty(false, g.a);
 }
 
 }  // namespace sit_ext

@@ -520,7 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tuned(args) -> None:
     """--tuned: the mixture, or the digits model with --digits STEPS (sit_ext.tuned_bench)."""
-    from . import tuned_bench
+    from .bench import tuned as tuned_bench
 
     if args.device != "cpu":
         raise ValueError("--tuned runs on the CPU: pass --device cpu")

@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from . import sampler_bench as sb
-from .transport import Transport
-from .tuned import endpoint_rms, tune_sampler
+from .. import sampler_bench as sb
+from ..transport import Transport
+from ..tuned import endpoint_rms, tune_sampler
 
 NFES = (4, 6, 8, 10, 12, 16)
 START = ("shift", 0.5)  # the tuned sampler starts from Adams on this grid (the best fixed setting on the mixture)
@@ -141,9 +141,9 @@ def run_digits(out_dir: str, steps: int = 1500, nfes: list[int] | None = None, d
     fresh evaluation sets of per_class digits per class."""
     import tempfile
 
-    from . import data as data_lib
-    from .evaluate import frechet_distance
-    from .training import TrainConfig, train
+    from .. import data as data_lib
+    from ..evaluate import frechet_distance
+    from ..training import TrainConfig, train
 
     start = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)

@@ -1,0 +1,1 @@
+"""The benchmarks behind `sit-ext bench` and bench/*.py."""

@@ -495,7 +495,7 @@ def _device_slug(device: str) -> str:
 
 
 def _meta(device: str, n: int, nfes: list[int], quick: bool) -> dict:
-    from .benchmark import _cpu_name
+    from .bench.report import _cpu_name
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
         f"{_cpu_name()}, {torch.get_num_threads()} threads")

@@ -16,9 +16,9 @@ import time
 import torch
 
 from . import data as data_lib
-from . import sampler_bench
 from ._build import build_info, format_build_info
 from ._io import first_line
+from .bench import samplers
 from .training import CheckpointError, TrainConfig, load_checkpoint, load_weights, resolve_device
 
 # ------------------------------------------------------------------- info
@@ -696,18 +696,18 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--ops: unknown op families {unknown}: choose from {sorted(op_cases.OP_FAMILIES)}")
     if args.tuned:
         args.device = str(device)
-        sampler_bench.run_tuned(args)
+        samplers.run_tuned(args)
         return 0
     if args.digits is not None:
-        sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed or 0)
+        samplers.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed or 0)
         return 0
     if args.dispatch:
         os.makedirs(args.out, exist_ok=True)
         dispatch.run_dispatch(os.path.join(args.out, f"{time.strftime('%Y-%m-%d')}-cpu-dispatch.json"))
         return 0
     if args.samplers:
-        sampler_bench.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
-                          seed=args.seed or 0)
+        samplers.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
+                     seed=args.seed or 0)
         return 0
     harness.reexec_with_stable_allocator()
     os.makedirs(args.out, exist_ok=True)
@@ -965,7 +965,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--dispatch", action="store_true",
                        help="instead: per-call cost on one CPU thread at a tiny size, every fused op's forward + "
                             "backward and a small vector SiT train step against unfused (JSON)")
-    sampler_bench.add_arguments(bench)
+    samplers.add_arguments(bench)
     bench.set_defaults(fn=cmd_bench)
     demo = sub.add_parser("demo", help="train, sample, picture, quality and speed in a couple of minutes")
     demo.add_argument("--data", default="moons",

@@ -2,7 +2,7 @@
 its eager reference and against torch.compile(reference, dynamic=False),
 forward and forward + backward; the SiT model matrix, {fused, unfused} x
 {eager, torch.compile, CUDA graph}, for the train step and the guided sampling
-step; the per-call (dispatch) cost; tuned samplers against fixed ones.
+step; the per-call (dispatch) cost; the samplers against exact answers.
 
 - harness: timing (medians of variants taking turns, CUDA graphs, the copy
   ceiling) and the budget's clock;
@@ -12,7 +12,7 @@ step; the per-call (dispatch) cost; tuned samplers against fixed ones.
   peaks; running them, with MFU;
 - profiling: the top kernels of a step (torch.profiler);
 - dispatch: `sit-ext bench --dispatch`;
-- tuned: `sit-ext bench --tuned`.
+- samplers: `sit-ext bench --samplers` (and `--digits`); tuned: `--tuned`.
 
 The modules are imported where they are used; this file imports none of them.
 """

@@ -37,8 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .schedules import Schedule, per_sample
-from .transport import Transport
+from ..schedules import Schedule, per_sample
+from ..transport import Transport
 
 NFES = (4, 8, 16, 32, 64, 128, 250)
 QUICK_NFES = (4, 16)
@@ -317,9 +317,9 @@ def run_digits(out_dir: str, steps: int = 1500, device: str = "cpu", nfe: list[i
     _check_sizes(nfe=nfe, steps=steps)
     import tempfile
 
-    from . import data as data_lib
-    from .evaluate import frechet_distance
-    from .training import TrainConfig, train
+    from .. import data as data_lib
+    from ..evaluate import frechet_distance
+    from ..training import TrainConfig, train
 
     start = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)
@@ -448,7 +448,7 @@ def plot(result: dict, path: str) -> None:
     """Error against NFE: ODE distance to the exact flow (both data), SDE sliced W1
     (mixture) and |z| of the variance (Gaussian); colour = method, line = schedule,
     thick = the official settings."""
-    from .plots import _pyplot, _save
+    from ..plots import _pyplot, _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 10))
@@ -495,7 +495,7 @@ def _device_slug(device: str) -> str:
 
 
 def _meta(device: str, n: int, nfes: list[int], quick: bool) -> dict:
-    from .bench.report import _cpu_name
+    from .report import _cpu_name
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else (
         f"{_cpu_name()}, {torch.get_num_threads()} threads")
@@ -515,12 +515,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and score the baseline and the best new ODE setting on it against NFE")
     parser.add_argument("--tuned", action="store_true",
                         help="tuned samplers (sit_ext.tuned) against fixed ones, 3 draws: the mixture on the linear "
-                             "and cosine paths, or with --digits STEPS the digits model (see sit_ext.tuned_bench)")
+                             "and cosine paths, or with --digits STEPS the digits model (see sit_ext.bench.tuned)")
 
 
 def run_tuned(args) -> None:
-    """--tuned: the mixture, or the digits model with --digits STEPS (sit_ext.tuned_bench)."""
-    from .bench import tuned as tuned_bench
+    """--tuned: the mixture, or the digits model with --digits STEPS (sit_ext.bench.tuned)."""
+    from . import tuned as tuned_bench
 
     if args.device != "cpu":
         raise ValueError("--tuned runs on the CPU: pass --device cpu")

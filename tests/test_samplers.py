@@ -10,7 +10,7 @@ import torch
 from test_transport import MU, PATHS, PREDICTIONS, GaussianField, exact_flow, noise, rms
 
 from sit_ext import schedules
-from sit_ext.bench import samplers
+from sit_ext.bench import exact, samplers
 from sit_ext.transport import Transport, time_grid
 
 STIFF = torch.full((3,), 0.1)
@@ -110,7 +110,7 @@ def test_every_method_converges_on_every_schedule(method, order, schedule):
 
 
 def z_scores(x, mean=1.0, std=0.1):
-    return samplers.z_scores(x, mean, std)
+    return exact.z_scores(x, mean, std)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -143,11 +143,11 @@ def test_mixture_fields_are_exact(path):
     consistent through the schedule's conversions."""
     schedule = schedules.get_schedule(path)
     x_t, t = torch.randn(64, 3, dtype=torch.float64), 0.05 + 0.9 * torch.rand(64, dtype=torch.float64)
-    one = samplers.GaussianMixture([MU.tolist()], [0.1])
+    one = exact.GaussianMixture([MU.tolist()], [0.1])
     for prediction in PREDICTIONS:
         torch.testing.assert_close(one.model(schedule, prediction)(x_t, t),
                                    GaussianField(schedule, prediction, sigma=STIFF)(x_t, t))
-    mixture = samplers.GaussianMixture(torch.randn(5, 3, dtype=torch.float64), [0.1, 0.2, 0.3, 0.4, 0.5],
+    mixture = exact.GaussianMixture(torch.randn(5, 3, dtype=torch.float64), [0.1, 0.2, 0.3, 0.4, 0.5],
                                             [1, 2, 3, 4, 5])
     v, eps, s = (mixture.model(schedule, p)(x_t, t) for p in PREDICTIONS)
     torch.testing.assert_close(schedule.velocity_from_score(s, x_t, t), v)
@@ -159,15 +159,15 @@ def test_mixture_flow_reference():
     pytest.importorskip("torchdiffeq")
     schedule = schedules.Linear()
     z = noise(500, seed=13).double()
-    one = samplers.GaussianMixture([MU.tolist()], [0.1])
-    two = samplers.GaussianMixture([MU.tolist(), MU.tolist()], [0.1, 0.1])
+    one = exact.GaussianMixture([MU.tolist()], [0.1])
+    two = exact.GaussianMixture([MU.tolist(), MU.tolist()], [0.1, 0.1])
     torch.testing.assert_close(two.flow(schedule, z, 1.0, 0.0), one.flow(schedule, z, 1.0, 0.0), atol=1e-7, rtol=0)
     torch.testing.assert_close(one.flow(schedule, z, 1.0, 0.0), exact_flow(schedule, z, 1.0, 0.0, sigma=STIFF))
 
 
 def test_sliced_w1_is_exact_for_repeated_and_shifted_points():
     x = torch.randn(100, 2, dtype=torch.float64)
-    distance = samplers.SlicedW1(x.repeat(3, 1), 100, projections=16)
+    distance = exact.SlicedW1(x.repeat(3, 1), 100, projections=16)
     assert distance(x) == pytest.approx(0.0, abs=1e-12)
     shift = torch.tensor([0.3, -0.4], dtype=torch.float64)
     assert distance(x + shift) == pytest.approx((shift @ distance.dirs).abs().mean().item(), rel=1e-9)

@@ -12,7 +12,8 @@ step; the per-call (dispatch) cost; the samplers against exact answers.
   peaks; running them, with MFU;
 - profiling: the top kernels of a step (torch.profiler);
 - dispatch: `sit-ext bench --dispatch`;
-- samplers: `sit-ext bench --samplers` (and `--digits`); tuned: `--tuned`.
+- samplers: `sit-ext bench --samplers` (and `--digits`), scored against the
+  data with exact answers of exact; tuned: `--tuned`.
 
 The modules are imported where they are used; this file imports none of them.
 """

@@ -107,7 +107,7 @@ step "summary"
 $PY - "$PREFIX" "${STATUS[build]}" "${STATUS[ptxas]}" "${STATUS[errors]}" "${STATUS[tests]}" "${STATUS[memcheck]}" \
   "${STATUS[racecheck]}" "${STATUS[initcheck]}" "${STATUS[bench]}" "${STATUS[models]}" <<'PY'
 import json, os, sys, torch
-from sit_ext.benchmark import machine_info
+from sit_ext.bench.report import machine_info
 prefix, build, ptxas, errors, tests, memcheck, racecheck, initcheck, bench, models = sys.argv[1:]
 summary = {**machine_info(torch.device("cuda")), "cxx": os.environ.get("CXX", ""),
            "build_exit": build, "ptxas_report_exit": ptxas, "error_paths_exit": errors, "tests_exit": tests,

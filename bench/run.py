@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from sit_ext import benchmark
+from sit_ext.bench import harness, model_runner, op_cases, op_runner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,9 +34,9 @@ def default_out(device: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--op", nargs="+", default=["all"], choices=["all", *benchmark.OP_FAMILIES])
+    parser.add_argument("--op", nargs="+", default=["all"], choices=["all", *op_cases.OP_FAMILIES])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16", benchmark.AUTOCAST],
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16", op_cases.AUTOCAST],
                         help="ops: default bfloat16 autocast float32 on CUDA, float32 on CPU; "
                              "--models: the first one (default bfloat16 autocast on CUDA)")
     parser.add_argument("--batch", nargs="+", type=int, help="default 32 256 on CUDA (--models: 32)")
@@ -55,15 +55,15 @@ def main(argv=None):
                         help="start no case after this many seconds of benchmarking; write what ran, exit 0")
     parser.add_argument("--out", help="JSON path (default: bench/results/<date>-<device>-ops.json or -models.json)")
     args = parser.parse_args(argv)
-    benchmark.reexec_with_stable_allocator()
+    harness.reexec_with_stable_allocator()
     if args.models:
         out = args.out or default_out(args.device).replace("-ops.json", "-models.json")
-        benchmark.run_models(args.device, args.model, args.batch, args.dtype[0] if args.dtype else None,
-                             not args.no_compile, out, budget=args.budget, profile=args.profile,
-                             peak=args.peak_tflops)
+        model_runner.run_models(args.device, args.model, args.batch, args.dtype[0] if args.dtype else None,
+                                not args.no_compile, out, budget=args.budget, profile=args.profile,
+                                peak=args.peak_tflops)
         return
-    ops = list(benchmark.OP_FAMILIES) if "all" in args.op else args.op
-    benchmark.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device),
+    ops = list(op_cases.OP_FAMILIES) if "all" in args.op else args.op
+    op_runner.run(ops, args.device, args.dtype, args.batch, args.quick, args.out or default_out(args.device),
                   budget=args.budget, compile_=not args.no_compile)
 
 

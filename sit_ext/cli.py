@@ -16,9 +16,9 @@ import time
 import torch
 
 from . import data as data_lib
-from . import sampler_bench
 from ._build import build_info, format_build_info
 from ._io import first_line
+from .bench import samplers
 from .training import CheckpointError, TrainConfig, load_checkpoint, load_weights, resolve_device
 
 # ------------------------------------------------------------------- info
@@ -27,7 +27,7 @@ from .training import CheckpointError, TrainConfig, load_checkpoint, load_weight
 def cmd_info(args) -> int:
     device = resolve_device(args.device)  # a bad --device fails before anything is printed
     print(format_build_info(build_info()))
-    from .benchmark import _cpu_name
+    from .bench.report import _cpu_name
 
     print(f"cpu:              {_cpu_name()} ({torch.get_num_threads()} threads)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -686,40 +686,42 @@ def _add_image_commands(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from . import benchmark, plots
+    from . import plots
+    from .bench import dispatch, harness, model_runner, op_cases, op_runner
 
     device = resolve_device(args.device)  # bad input fails here, before the restart
     _check_bench_flags(args)
-    unknown = sorted(set(args.ops or ()) - set(benchmark.OP_FAMILIES))
+    unknown = sorted(set(args.ops or ()) - set(op_cases.OP_FAMILIES))
     if unknown:
-        raise ValueError(f"--ops: unknown op families {unknown}: choose from {sorted(benchmark.OP_FAMILIES)}")
+        raise ValueError(f"--ops: unknown op families {unknown}: choose from {sorted(op_cases.OP_FAMILIES)}")
     if args.tuned:
         args.device = str(device)
-        sampler_bench.run_tuned(args)
+        samplers.run_tuned(args)
         return 0
     if args.digits is not None:
-        sampler_bench.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed or 0)
+        samplers.run_digits(args.out, steps=args.digits, device=str(device), nfe=args.nfe, seed=args.seed or 0)
         return 0
     if args.dispatch:
         os.makedirs(args.out, exist_ok=True)
-        benchmark.run_dispatch(os.path.join(args.out, f"{time.strftime('%Y-%m-%d')}-cpu-dispatch.json"))
+        dispatch.run_dispatch(os.path.join(args.out, f"{time.strftime('%Y-%m-%d')}-cpu-dispatch.json"))
         return 0
     if args.samplers:
-        sampler_bench.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
-                          seed=args.seed or 0)
+        samplers.run(args.out, quick=args.quick, device=str(device), samples=args.samples, nfe=args.nfe,
+                     seed=args.seed or 0)
         return 0
-    benchmark.reexec_with_stable_allocator()
+    harness.reexec_with_stable_allocator()
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
     ops_json = os.path.join(args.out, f"{stamp}-{device.type}-ops.json")
     # --quick: under a minute on 2 CPU cores (25 s measured), the models included (SiT-S/8, no torch.compile).
     compile_ = not (args.no_compile or args.quick)
-    result = benchmark.run(args.ops or list(benchmark.OP_FAMILIES), str(device), quick=args.quick, out=ops_json,
+    result = op_runner.run(args.ops or list(op_cases.OP_FAMILIES), str(device), quick=args.quick, out=ops_json,
                            budget=40 if args.quick else None, compile_=compile_)
     if args.models is not False:
-        models = benchmark.run_models(str(device), models=["SiT-S/8"] if args.quick else None, compile_=compile_,
-                                      budget=20 if args.quick else None, peak=args.peak_tflops,
-                                      out=os.path.join(args.out, f"{stamp}-{device.type}-models.json"))
+        models = model_runner.run_models(str(device), models=["SiT-S/8"] if args.quick else None,
+                                         compile_=compile_, budget=20 if args.quick else None,
+                                         peak=args.peak_tflops,
+                                         out=os.path.join(args.out, f"{stamp}-{device.type}-models.json"))
         _model_chart(os.path.join(args.out, f"{stamp}-{device.type}-models.png"), models)
     rows = result["results"]
     labels = [f"{r['op']} {r['mode']} {r['size']} B{r['shape'][0]} {r['dtype']}" for r in rows]
@@ -775,10 +777,11 @@ def _check_bench_flags(args) -> None:
 
 def _model_chart(png: str, result: dict) -> None:
     """Each variant's speed against the best unfused variant of its row."""
-    from . import benchmark, plots
+    from . import plots
+    from .bench.model_cases import MODEL_VARIANTS
 
     rows = [r for r in result["results"] if "best_unfused" in r]
-    variants = [v for v in benchmark.MODEL_VARIANTS if any("ms" in r.get(v, {}) for r in rows)]
+    variants = [v for v in MODEL_VARIANTS if any("ms" in r.get(v, {}) for r in rows)]
     if not rows:
         return
     series = _series_that_ran({v: [r[r["best_unfused"]]["ms"] / r[v]["ms"] if "ms" in r.get(v, {}) else float("nan")
@@ -873,7 +876,7 @@ def cmd_demo(args) -> int:
 def _step_speed(cfg: TrainConfig, device: torch.device, rounds: int = 15) -> tuple[float, float]:
     """Median ms per training step (forward, backward, AdamW) of the demo's
     model, fused and unfused, measured in turns."""
-    from .benchmark import time_medians
+    from .bench.harness import time_medians
     from .training import build_model, make_transport
 
     ds = data_lib.load(cfg.data, 4096, seed=cfg.seed)
@@ -962,7 +965,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--dispatch", action="store_true",
                        help="instead: per-call cost on one CPU thread at a tiny size, every fused op's forward + "
                             "backward and a small vector SiT train step against unfused (JSON)")
-    sampler_bench.add_arguments(bench)
+    samplers.add_arguments(bench)
     bench.set_defaults(fn=cmd_bench)
     demo = sub.add_parser("demo", help="train, sample, picture, quality and speed in a couple of minutes")
     demo.add_argument("--data", default="moons",

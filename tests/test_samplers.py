@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_transport import MU, PATHS, PREDICTIONS, GaussianField, exact_flow, noise, rms
 
-from sit_ext import sampler_bench, schedules
+from sit_ext import schedules
+from sit_ext.bench import exact, samplers
 from sit_ext.transport import Transport, time_grid
 
 STIFF = torch.full((3,), 0.1)
@@ -109,7 +110,7 @@ def test_every_method_converges_on_every_schedule(method, order, schedule):
 
 
 def z_scores(x, mean=1.0, std=0.1):
-    return sampler_bench.z_scores(x, mean, std)
+    return exact.z_scores(x, mean, std)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -142,11 +143,11 @@ def test_mixture_fields_are_exact(path):
     consistent through the schedule's conversions."""
     schedule = schedules.get_schedule(path)
     x_t, t = torch.randn(64, 3, dtype=torch.float64), 0.05 + 0.9 * torch.rand(64, dtype=torch.float64)
-    one = sampler_bench.GaussianMixture([MU.tolist()], [0.1])
+    one = exact.GaussianMixture([MU.tolist()], [0.1])
     for prediction in PREDICTIONS:
         torch.testing.assert_close(one.model(schedule, prediction)(x_t, t),
                                    GaussianField(schedule, prediction, sigma=STIFF)(x_t, t))
-    mixture = sampler_bench.GaussianMixture(torch.randn(5, 3, dtype=torch.float64), [0.1, 0.2, 0.3, 0.4, 0.5],
+    mixture = exact.GaussianMixture(torch.randn(5, 3, dtype=torch.float64), [0.1, 0.2, 0.3, 0.4, 0.5],
                                             [1, 2, 3, 4, 5])
     v, eps, s = (mixture.model(schedule, p)(x_t, t) for p in PREDICTIONS)
     torch.testing.assert_close(schedule.velocity_from_score(s, x_t, t), v)
@@ -158,32 +159,32 @@ def test_mixture_flow_reference():
     pytest.importorskip("torchdiffeq")
     schedule = schedules.Linear()
     z = noise(500, seed=13).double()
-    one = sampler_bench.GaussianMixture([MU.tolist()], [0.1])
-    two = sampler_bench.GaussianMixture([MU.tolist(), MU.tolist()], [0.1, 0.1])
+    one = exact.GaussianMixture([MU.tolist()], [0.1])
+    two = exact.GaussianMixture([MU.tolist(), MU.tolist()], [0.1, 0.1])
     torch.testing.assert_close(two.flow(schedule, z, 1.0, 0.0), one.flow(schedule, z, 1.0, 0.0), atol=1e-7, rtol=0)
     torch.testing.assert_close(one.flow(schedule, z, 1.0, 0.0), exact_flow(schedule, z, 1.0, 0.0, sigma=STIFF))
 
 
 def test_sliced_w1_is_exact_for_repeated_and_shifted_points():
     x = torch.randn(100, 2, dtype=torch.float64)
-    distance = sampler_bench.SlicedW1(x.repeat(3, 1), 100, projections=16)
+    distance = exact.SlicedW1(x.repeat(3, 1), 100, projections=16)
     assert distance(x) == pytest.approx(0.0, abs=1e-12)
     shift = torch.tensor([0.3, -0.4], dtype=torch.float64)
     assert distance(x + shift) == pytest.approx((shift @ distance.dirs).abs().mean().item(), rel=1e-9)
 
 
 def test_quick_benchmark_writes_json_and_png(tmp_path):
-    result = sampler_bench.run(str(tmp_path), quick=True, verbose=False)
+    result = samplers.run(str(tmp_path), quick=True, verbose=False)
     (json_path,) = tmp_path.glob("*-cpu-samplers.json")
     (png_path,) = tmp_path.glob("*-cpu-samplers.png")
     assert png_path.stat().st_size > 10_000
     saved = json.loads(json_path.read_text())
     assert saved["meta"]["quick"] and saved["meta"]["samples"] == 1000
-    assert saved["meta"]["nfe"] == list(sampler_bench.QUICK_NFES)
-    schedule_labels = {sampler_bench._schedule_label(s) for s in sampler_bench.SCHEDULES}
+    assert saved["meta"]["nfe"] == list(samplers.QUICK_NFES)
+    schedule_labels = {samplers._schedule_label(s) for s in samplers.SCHEDULES}
     for data in ("gaussian", "mixture"):
         ode = {(r["method"], r["schedule"]) for r in saved["ode"] if r["data"] == data}
-        assert ode == {(m, s) for m in sampler_bench.ODE_METHODS for s in schedule_labels}
+        assert ode == {(m, s) for m in samplers.ODE_METHODS for s in schedule_labels}
         sde = {(r["method"], r["schedule"], r["last_step"]) for r in saved["sde"] if r["data"] == data}
         assert ("euler", "uniform", "Mean") in sde and len(sde) == 2 * len(schedule_labels) + 1
     assert all(r["rms_error"] >= 0 for r in saved["ode"]) and all("sliced_w1" in r or "z_var" in r
@@ -196,7 +197,7 @@ def test_quick_benchmark_writes_json_and_png(tmp_path):
 def test_digits_run_writes_its_rows(tmp_path):
     """The trained-model check's code path, on a model trained for 3 steps (its numbers need ~1500)."""
     pytest.importorskip("sklearn")
-    result = sampler_bench.run_digits(str(tmp_path), steps=3, nfe=[4], per_class=2, verbose=False)
+    result = samplers.run_digits(str(tmp_path), steps=3, nfe=[4], per_class=2, verbose=False)
     assert [(r["method"], r["nfe"]) for r in result["rows"]] == [("heun", 4), ("adams", 4)]
     assert all(0 <= r["accuracy"] <= 1 and r["frechet"] >= 0 for r in result["rows"])
     assert result["real_accuracy"] > 0.9 and list(tmp_path.glob("*-samplers-digits.json"))

@@ -5,12 +5,12 @@ and it survives a round trip through its file."""
 import pytest
 import torch
 
-from sit_ext import sampler_bench
+from sit_ext.bench import exact
 from sit_ext.solvers import TunedSampler
 from sit_ext.transport import Transport
 from sit_ext.tuned import endpoint_rms, initial_sampler, load_sampler, mismatches, save_sampler, tune_sampler
 
-MIXTURE = sampler_bench.narrow_mixture()
+MIXTURE = exact.narrow_mixture()
 # 128 Adams steps: 2e-5 from the exact flow on the mixture (measured), a 150th of Heun@50's error.
 FIT_REFERENCE = {"method": "adams", "num_steps": 128, "schedule": "shift", "schedule_param": 0.5}
 CHEAP = {"method": "adams", "num_steps": 32, "schedule": "shift", "schedule_param": 0.5}  # where accuracy is moot

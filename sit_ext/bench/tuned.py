@@ -1,11 +1,11 @@
 """Tuned samplers against fixed ones (``sit-ext bench --samplers --tuned``).
 
-- Mixture: the 8-mode mixture of ``sampler_bench``, linear and cosine paths,
+- Mixture: the 8-mode mixture of ``samplers``, linear and cosine paths,
   velocity prediction. Per draw: fit an Adams-based sampler on one set of
   noise (two training batches and a held-out batch), score it on a disjoint
   set by the RMS distance to the exact flow (float64 dopri5, rtol 1e-10) from
   the same noise, beside every fixed sampler (Heun and Adams on each step
-  schedule of ``sampler_bench``) and uniform Heun at 50 evaluations.
+  schedule of ``samplers``) and uniform Heun at 50 evaluations.
 - Digits (``--digits STEPS``): the digits demo's model trained as
   ``bench --samplers --digits`` trains it; tuned against fixed by the class
   accuracy and the Frechet distance of classifier features, over draws of the
@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from . import sampler_bench as sb
-from .transport import Transport
-from .tuned import endpoint_rms, tune_sampler
+from ..transport import Transport
+from ..tuned import endpoint_rms, tune_sampler
+from . import samplers as sb
 
 NFES = (4, 6, 8, 10, 12, 16)
 START = ("shift", 0.5)  # the tuned sampler starts from Adams on this grid (the best fixed setting on the mixture)
@@ -133,7 +133,7 @@ DIGITS_NFES = (4, 8, 16)
 def run_digits(out_dir: str, steps: int = 1500, nfes: list[int] | None = None, draws: int = 3,
                per_class: int = 20, cfg_scale: float = 2.0, seed: int = 0, verbose: bool = True,
                fit_batch: int = 32, iterations: int = 15, reference_steps: int = 32) -> dict:
-    """Trains the digits model as ``sampler_bench.run_digits`` does, tunes an
+    """Trains the digits model as ``samplers.run_digits`` does, tunes an
     Adams sampler per NFE (fit noise: two batches of fit_batch and one held
     out; the reference `reference_steps` Adams steps on the shift-0.5 grid; at
     most `iterations` L-BFGS evaluations: sized for a shared 2-core CPU) and
@@ -141,9 +141,9 @@ def run_digits(out_dir: str, steps: int = 1500, nfes: list[int] | None = None, d
     fresh evaluation sets of per_class digits per class."""
     import tempfile
 
-    from . import data as data_lib
-    from .evaluate import frechet_distance
-    from .training import TrainConfig, train
+    from .. import data as data_lib
+    from ..evaluate import frechet_distance
+    from ..training import TrainConfig, train
 
     start = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)

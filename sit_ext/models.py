@@ -205,14 +205,14 @@ def _to_stream(x: Tensor, h: Tensor) -> Tensor:
     return h if x.dtype == torch.float32 or h.dtype == x.dtype else h.to(x.dtype)
 
 
-def _branch(x: Tensor, linear: nn.Module, inner: Tensor) -> tuple[Tensor, Tensor | None]:
+def _branch(x: Tensor, linear: nn.Module, inner: Tensor, fold: bool = True) -> tuple[Tensor, Tensor | None]:
     """linear(inner) as (h, bias) for the fused residual: a plain nn.Linear
     without hooks gives (inner W^T, its bias), the bias left for the fused op to
     add (as it is when in x's dtype or h's: the float32 parameter under
     autocast is read without a cast); any other module (a LoRA wrapper, a
     hooked Linear) runs as it is and gives (linear(inner), None). h is in the
     dtype the fused ops take beside x (see _to_stream)."""
-    if (type(linear) is not nn.Linear or linear.bias is None or linear._forward_hooks
+    if (not fold or type(linear) is not nn.Linear or linear.bias is None or linear._forward_hooks
             or linear._forward_pre_hooks):
         return _to_stream(x, linear(inner)), None
     h, bias = _to_stream(x, F.linear(inner, linear.weight)), linear.bias
@@ -269,8 +269,12 @@ class SiT(nn.Module):
     ``SiT(...)`` builds the official image model (see the module docstring);
     ``SiT.build(input_dim, ...)`` builds the vector model. ``fused`` picks the
     fused kernels (default) or plain PyTorch, with the same weights; it can be
-    switched at any time.
+    switched at any time, as can ``fold_biases`` (default True: the fused path
+    adds the attn.proj and mlp.fc2 biases inside the fused residual op; False
+    leaves them to the Linears, for comparison).
     """
+
+    fold_biases = True
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
@@ -435,9 +439,9 @@ class SiT(nn.Module):
         for i, block in enumerate(self.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
             next_shift, next_scale = mods[i + 1][:2]
-            h, bias = _branch(x, block.attn.proj, block.attn.mix(y))
+            h, bias = _branch(x, block.attn.proj, block.attn.mix(y), self.fold_biases)
             x, y = ops.gated_residual_ln_modulate(x, h, gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype, bias=bias)
-            h, bias = _branch(x, block.mlp.fc2, block.mlp.hidden(y))
+            h, bias = _branch(x, block.mlp.fc2, block.mlp.hidden(y), self.fold_biases)
             x, y = ops.gated_residual_ln_modulate(x, h, gate_mlp, next_shift, next_scale, out_dtype=y_dtype,
                                                   bias=bias)
         return self.final_layer.linear(y)

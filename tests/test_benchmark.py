@@ -341,6 +341,7 @@ def test_run_models_batches_profile_and_budget(tmp_path, monkeypatch, capsys):
         ("train step", 1), ("guided sample step", 1), ("train step", 2), ("guided sample step", 2)]
     train = saved["results"][0]
     assert train["fused"]["ms"] > 0 and train["unfused"]["ms"] > 0 and "fused+compile" not in train
+    assert train["fused-nofold"]["ms"] > 0  # the biases left to the Linears, for comparison
     assert "fused+graph" not in train  # CUDA only
     assert train["x_best_unfused"] == pytest.approx(train["unfused"]["ms"] / train["fused"]["ms"])
     assert train["tflop"] == pytest.approx(3 * model_cases.sit_forward_flops(models.SiT_models["SiT-tiny"](), 1) / 1e12)
@@ -384,8 +385,10 @@ def test_sit_forward_flops_by_hand():
 
 def test_summarize_model_row_and_peaks(monkeypatch):
     row = {"fused": {"ms": 10.0}, "unfused": {"ms": 13.0}, "fused+compile": {"ms": 8.0},
-           "unfused+compile": {"ms": 12.0}, "unfused+graph": {"error": "OutOfMemoryError: ..."}}
+           "unfused+compile": {"ms": 12.0}, "unfused+graph": {"error": "OutOfMemoryError: ..."},
+           "fused-nofold": {"ms": 7.0}}
     model_runner.summarize_model_row(row, flops=4e12, peak=1000.0)
+    # fused-nofold is a comparison, never the best fused variant
     assert (row["best_fused"], row["best_unfused"]) == ("fused+compile", "unfused+compile")
     assert row["x_best_unfused"] == pytest.approx(12.0 / 8.0)
     assert row["fused+compile"]["tflops"] == pytest.approx(500.0) and row["fused+compile"]["mfu"] == 0.5

@@ -429,6 +429,11 @@ def test_fused_backbone_folds_the_output_biases(monkeypatch):
     for name, g, w in zip(names, got, want):
         torch.testing.assert_close(g, w, msg=name)
 
+    calls.clear()  # fold_biases off: the Linears add their own biases, with the same result
+    model.fold_biases = False
+    torch.testing.assert_close(model(x, t, y), fused)
+    assert calls == [None] * len(folded)
+
 
 class _Lora(torch.nn.Linear):
     """A Linear with a low-rank update, as adapter libraries wrap one."""

@@ -8,7 +8,10 @@ from collections.abc import Callable
 
 import torch
 
-MODEL_VARIANTS = ("fused", "unfused", "fused+compile", "unfused+compile", "fused+graph", "unfused+graph")
+# "fused-nofold": fused eager with fold_biases off (attn.proj and mlp.fc2 add their own biases), to
+# show what folding them into the fused residual gives.
+MODEL_VARIANTS = ("fused", "fused-nofold", "unfused", "fused+compile", "unfused+compile", "fused+graph",
+                  "unfused+graph")
 MODEL_MODES = ("train step", "guided sample step")
 CFG_SCALE = 4.0
 
@@ -88,17 +91,17 @@ class _ModelRig:
             if "compile" in variant and self.compiled is None or "graph" in variant and not cuda:
                 continue
             runner = self.compiled if "compile" in variant else model
-            fused = variant.startswith("fused")
+            fused, fold = variant.startswith("fused"), variant != "fused-nofold"
             transport = Transport("linear", fused=fused)
 
-            def losses(x, y, runner=runner, transport=transport, fused=fused):
-                model.fused = fused
+            def losses(x, y, runner=runner, transport=transport, fused=fused, fold=fold):
+                model.fused, model.fold_biases = fused, fold
                 model.train()
                 with autocast():
                     return transport.training_losses(runner, x, model_kwargs={"y": y})["loss"].mean()
 
-            def sample_step(z, runner=runner, fused=fused):
-                model.fused = fused
+            def sample_step(z, runner=runner, fused=fused, fold=fold):
+                model.fused, model.fold_biases = fused, fold
                 model.eval()
                 with torch.no_grad(), autocast():
                     out = runner(z.repeat(2, 1, 1, 1), t.repeat(2), both_y)

@@ -166,7 +166,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     rank's own initial weights, not the broadcast ones)."""
     run, probe = tmp_path / "ddp", tmp_path / "probe.py"
     probe.write_text(DDP_PROBE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            probe, tmp_path, "train", "--data", "moons", "--data-size", 256, "--steps", 6, "--ckpt-every", 3,
            "--log-every", 1, "--out", run, *TINY]
     env = dict(os.environ, OMP_NUM_THREADS="1")

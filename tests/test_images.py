@@ -480,7 +480,7 @@ def test_sample_with_vae_under_torchrun_splits_the_work(exported, vae_dir, tmp_p
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     args = ["sample", "--ckpt", path, "--vae", vae_dir, "--num-samples", 5, "--batch-size", 2, *SAMPLE]
     assert run_cli(*args, "--out", single) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "sit_ext", *args, "--out", ddp]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300, env=env)

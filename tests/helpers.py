@@ -71,12 +71,14 @@ def assert_bitwise_reproducible(fn):
 
 
 def randomize_zero_init(model):
-    """adaLN-Zero starts every block as the identity; give the zeroed layers
-    weights so that fused and unfused paths are compared on real work."""
+    """adaLN-Zero starts every block as the identity, and every Linear bias at
+    zero; give the zeroed layers and biases values so that fused and unfused
+    paths are compared on real work (a folded bias added twice, or not at all,
+    changes nothing while it is zero)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer" in name:
+            if "adaLN_modulation" in name or "final_layer" in name or (name.endswith("bias") and not p.any()):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     return model
 

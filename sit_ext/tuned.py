@@ -101,6 +101,27 @@ def solve_reference(transport: Transport, model: Callable, noise_batches: Sequen
                                      null_label=null_label, **reference) for i, z in enumerate(batches)]
 
 
+def iterations_within(budget_rows: float, nfe: int, fit_rows: int, heldout_rows: int, reference_rows: int = 0,
+                      eval_every: int = 5) -> int:
+    """The largest `iterations` for ``tune_sampler`` (L-BFGS) whose model
+    rows stay within budget_rows: the fit's evaluations, the held-out checks
+    and reference_rows for the reference solve. fit_rows and heldout_rows: the
+    rows of one model evaluation of all fitted batches and of the held-out
+    batch (guidance: twice the samples). 0 when not even one evaluation fits.
+
+    Checks: the base's, then one after each L-BFGS step; the first step takes
+    the start's evaluation and eval_every more, each later one at least
+    eval_every (the point it starts from is already evaluated), so k
+    evaluations make at most ceil((k - 1) / eval_every) steps."""
+    def rows(k):
+        return reference_rows + nfe * (k * fit_rows + (1 + -(-(k - 1) // eval_every)) * heldout_rows)
+
+    k = 0
+    while rows(k + 1) <= budget_rows:
+        k += 1
+    return k
+
+
 def tune_sampler(transport: Transport, model: Callable, noise_batches: Sequence[Tensor], nfe: int,
                  base: str = "adams", *, schedule: str = "uniform", schedule_param: float | None = None,
                  model_kwargs: dict | Sequence[dict] | None = None, cfg_scale: float = 1.0,
@@ -181,7 +202,8 @@ def tune_sampler(transport: Transport, model: Callable, noise_batches: Sequence[
     train = list(range(len(batches) - 1))
     names, values = list(params), list(params.values())
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(values, lr=lr, max_iter=eval_every, history_size=20,
+        # max_eval: the step's first evaluation (the point the last one ended on, free) and eval_every more
+        opt = torch.optim.LBFGS(values, lr=lr, max_iter=eval_every, max_eval=eval_every + 1, history_size=20,
                                 line_search_fn="strong_wolfe")
     else:
         opt = torch.optim.Adam(values, lr=lr)
@@ -216,6 +238,7 @@ def tune_sampler(transport: Transport, model: Callable, noise_batches: Sequence[
         return loss
 
     checks_since_best, done, checked = 0, 0, None
+    window = 1 if optimizer == "lbfgs" else 0  # evaluations at the last check (L-BFGS: the start's own first)
     bar = _bar(iterations, progress)
     while done < iterations and checks_since_best < patience:
         spent = False
@@ -230,6 +253,9 @@ def tune_sampler(transport: Transport, model: Callable, noise_batches: Sequence[
         moved, done = state["step"] > done, state["step"]
         if not all(torch.isfinite(v).all() for v in values):
             break  # a step went where the field or the grid is undefined; keep the best so far
+        if moved and not spent and done - window < eval_every:
+            continue  # a step cut short (L-BFGS's tolerances): check after eval_every evaluations, as planned
+        window = done
         if optimizer == "lbfgs":
             candidate = state["lowest_params"]  # the accepted iterate, or a lower trial point of a cut-off search
         else:
@@ -321,5 +347,5 @@ def mismatches(sampler: TunedSampler, **used) -> list[str]:
     return out
 
 
-__all__ = ["TunedSampler", "endpoint_rms", "initial_sampler", "load_sampler", "mismatches", "save_sampler",
-           "solve_reference", "tune_sampler"]
+__all__ = ["TunedSampler", "endpoint_rms", "initial_sampler", "iterations_within", "load_sampler", "mismatches",
+           "save_sampler", "solve_reference", "tune_sampler"]

@@ -11,6 +11,7 @@ from sit_ext.transport import Transport
 from sit_ext.tuned import (
     endpoint_rms,
     initial_sampler,
+    iterations_within,
     load_sampler,
     mismatches,
     save_sampler,
@@ -230,3 +231,20 @@ def test_iterations_cap_the_fit_rows(iterations, eval_every):
     checks = s["heldout_evaluations"] // (16 * nfe)
     assert s["heldout_evaluations"] == checks * 16 * nfe and 2 <= checks <= 1 + -(-iterations // eval_every)
     assert rows[0] == s["fit_evaluations"] + s["heldout_evaluations"]
+
+
+@pytest.mark.parametrize("budget, eval_every", [(4000, 5), (12000, 5), (12000, 2)])
+def test_iterations_within_keeps_a_fit_inside_its_row_budget(budget, eval_every):
+    """iterations_within sizes a fit (reference solve, fit and held-out checks)
+    to a budget of model rows: counted outside, the fit spends no more, it
+    ran every evaluation it was given, and one more would not have fitted."""
+    transport, model = setting("cosine")
+    batches = [noise(24, 31), noise(16, 32)]
+    nfe = 6
+    k = iterations_within(budget, nfe, 24, 16, reference_rows=40 * 32, eval_every=eval_every)
+    assert k >= 1
+    counted, rows = counting(model)
+    sampler = tune_sampler(transport, counted, batches, nfe, "adams", reference=CHEAP, iterations=k,
+                           eval_every=eval_every, patience=100, progress=False)
+    assert sampler.settings["iterations"] == k and sampler.settings["reference_evaluations"] == 40 * 32
+    assert budget - nfe * (24 + 16) < rows[0] <= budget, (rows[0], budget, k)  # one more evaluation would not fit

@@ -135,7 +135,7 @@ BUDGET = 0.01  # each digits fit, its own reference solve included, within this 
 
 def run_digits(out_dir: str, steps: int = 1500, nfes: list[int] | None = None, draws: int = 3,
                per_class: int = 20, cfg_scale: float = 2.0, seed: int = 0, verbose: bool = True,
-               fit_batch: int = 8, held_out: int = 8, reference_steps: int = 16, eval_every: int = 5,
+               fit_batch: int = 8, held_out: int = 8, reference_steps: int = 32, eval_every: int = 5,
                budget: float = BUDGET) -> dict:
     """Trains the digits model as ``sampler_bench.run_digits`` does, tunes an
     Adams sampler per NFE and scores tuned and Adams at each NFE, Heun at 8,
@@ -159,6 +159,8 @@ def run_digits(out_dir: str, steps: int = 1500, nfes: list[int] | None = None, d
     start = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)
     nfes = sorted(nfes or DIGITS_NFES)
+    if reference_steps <= nfes[-1]:  # at reference_steps == NFE the start is the reference: nothing to fit
+        raise ValueError(f"reference_steps ({reference_steps}) must exceed the largest NFE tuned ({nfes[-1]})")
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = TrainConfig.for_data("digits", steps=steps, seed=seed, out=run_dir, ckpt_every=steps, log_every=50,
                                    device="cpu")

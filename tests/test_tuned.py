@@ -8,7 +8,16 @@ import torch
 from sit_ext.bench import exact
 from sit_ext.solvers import TunedSampler
 from sit_ext.transport import Transport
-from sit_ext.tuned import endpoint_rms, initial_sampler, load_sampler, mismatches, save_sampler, tune_sampler
+from sit_ext.tuned import (
+    endpoint_rms,
+    initial_sampler,
+    iterations_within,
+    load_sampler,
+    mismatches,
+    save_sampler,
+    solve_reference,
+    tune_sampler,
+)
 
 MIXTURE = exact.narrow_mixture()
 # 128 Adams steps: 2e-5 from the exact flow on the mixture (measured), a 150th of Heun@50's error.
@@ -157,3 +166,85 @@ def test_cli_tune_then_sample(tmp_path, capsys):
                      "4", "--device", "cpu", "--quiet", "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "warning" in err[0] and "--weights" in err[0]
+
+
+def counting(model):
+    """The model and a list holding the rows it has evaluated."""
+    rows = [0]
+
+    def counted(x, t, **kwargs):
+        rows[0] += x.shape[0]
+        return model(x, t, **kwargs)
+
+    return counted, rows
+
+
+def test_precomputed_reference_endpoints_replace_the_reference_solve():
+    """solve_reference once, then tune_sampler(reference_endpoints=...): the
+    same fit as solving inside, and not one model row spent on a reference:
+    every row counted outside is a fit or held-out row, none a reference row."""
+    transport, model = setting("cosine")
+    batches = [noise(64, 11), noise(64, 12)]
+    counted, rows = counting(model)
+    inside = tune_sampler(transport, counted, batches, 6, "adams", reference=CHEAP, iterations=6, eval_every=3,
+                          progress=False)
+    assert inside.settings["reference_evaluations"] == 128 * 32  # two batches of 64, 32 Adams steps each
+    assert rows[0] == inside.settings["fit_evaluations"] + inside.settings["other_evaluations"]
+    endpoints = solve_reference(transport, model, batches, reference=CHEAP)
+    rows[0] = 0
+    given = tune_sampler(transport, counted, batches, 6, "adams", reference_endpoints=endpoints, iterations=6,
+                         eval_every=3, progress=False)
+    s = given.settings
+    assert s["reference_evaluations"] == 0 and s["reference"] == "given"
+    assert rows[0] == s["fit_evaluations"] + s["heldout_evaluations"] == s["fit_evaluations"] + s["other_evaluations"]
+    assert rows[0] == inside.settings["fit_evaluations"] + inside.settings["heldout_evaluations"]
+    assert s["heldout_rms"] == inside.settings["heldout_rms"] and s["accepted"]
+    assert all(torch.equal(given.params[k], v) for k, v in inside.params.items())
+
+
+def test_reference_endpoints_of_the_wrong_shape_or_count_are_refused():
+    transport, model = setting()
+    batches = [noise(16, 1), noise(8, 2)]
+    with pytest.raises(ValueError, match=r"reference_endpoints\[1\] has shape \(16, 2\); noise batch 1 has \(8, 2\)"):
+        tune_sampler(transport, model, batches, 4, reference_endpoints=[noise(16, 3), noise(16, 4)], progress=False)
+    with pytest.raises(ValueError, match=r"reference_endpoints must hold one tensor per noise batch \(2\), got 1"):
+        tune_sampler(transport, model, batches, 4, reference_endpoints=[noise(16, 3)], progress=False)
+    with pytest.raises(ValueError, match="reference_endpoints must hold one tensor per noise batch"):
+        tune_sampler(transport, model, batches, 4, reference_endpoints=noise(16, 3), progress=False)
+
+
+@pytest.mark.parametrize("iterations, eval_every", [(3, 5), (7, 2)])
+def test_iterations_cap_the_fit_rows(iterations, eval_every):
+    """iterations is a hard cap on loss-and-gradient evaluations, L-BFGS line
+    searches included, so the fit's rows are known before it runs; each
+    held-out check costs one held-out solve (the base's included)."""
+    transport, model = setting()
+    batches = [noise(32, 21), noise(32, 22), noise(16, 23)]
+    nfe = 6
+    counted, rows = counting(model)
+    endpoints = solve_reference(transport, model, batches, reference=CHEAP)
+    sampler = tune_sampler(transport, counted, batches, nfe, "adams", reference_endpoints=endpoints,
+                           iterations=iterations, eval_every=eval_every, patience=100, progress=False)
+    s = sampler.settings
+    assert s["iterations"] == iterations  # far from converged: the cap, not convergence, stopped it
+    assert s["fit_evaluations"] == iterations * 64 * nfe
+    checks = s["heldout_evaluations"] // (16 * nfe)
+    assert s["heldout_evaluations"] == checks * 16 * nfe and 2 <= checks <= 1 + -(-iterations // eval_every)
+    assert rows[0] == s["fit_evaluations"] + s["heldout_evaluations"]
+
+
+@pytest.mark.parametrize("budget, eval_every", [(4000, 5), (12000, 5), (12000, 2)])
+def test_iterations_within_keeps_a_fit_inside_its_row_budget(budget, eval_every):
+    """iterations_within sizes a fit (reference solve, fit and held-out checks)
+    to a budget of model rows: counted outside, the fit spends no more, it
+    ran every evaluation it was given, and one more would not have fitted."""
+    transport, model = setting("cosine")
+    batches = [noise(24, 31), noise(16, 32)]
+    nfe = 6
+    k = iterations_within(budget, nfe, 24, 16, reference_rows=40 * 32, eval_every=eval_every)
+    assert k >= 1
+    counted, rows = counting(model)
+    sampler = tune_sampler(transport, counted, batches, nfe, "adams", reference=CHEAP, iterations=k,
+                           eval_every=eval_every, patience=100, progress=False)
+    assert sampler.settings["iterations"] == k and sampler.settings["reference_evaluations"] == 40 * 32
+    assert budget - nfe * (24 + 16) < rows[0] <= budget, (rows[0], budget, k)  # one more evaluation would not fit

@@ -11,7 +11,8 @@
   accuracy and the Frechet distance of classifier features, over draws of the
   evaluation noise.
 - Cost: tuning's model evaluations (rows; guidance runs two per sample) and
-  seconds, beside training's (steps x batch).
+  seconds, beside training's (steps x batch). Each digits fit is sized to
+  stay within BUDGET of training's rows, its reference solve included.
 
 Writes <date>-<device>-samplers-tuned.json (-digits.json) into the output folder.
 """
@@ -26,13 +27,13 @@ import time
 import torch
 
 from ..transport import Transport
-from ..tuned import endpoint_rms, tune_sampler
+from ..tuned import endpoint_rms, iterations_within, tune_sampler
 from . import samplers as sb
 
 NFES = (4, 6, 8, 10, 12, 16)
 START = ("shift", 0.5)  # the tuned sampler starts from Adams on this grid (the best fixed setting on the mixture)
 GOAL_NFE = {"linear": 10, "cosine": 8}  # uniform Heun@50's error reached with at most this many evaluations
-FIT_SIZE, TEST_SIZE = 512, 2000
+FIT_SIZE, TEST_SIZE = 1024, 2000  # fit noise 1024 per batch: at 512 one cosine 8-NFE draw stayed above Heun@50
 
 
 def _fixed(transport, model, z, method, schedule, nfe):
@@ -128,26 +129,38 @@ def _format(path: str, s: dict) -> str:
 
 
 DIGITS_NFES = (4, 8, 16)
+BUDGET = 0.01  # each digits fit, its own reference solve included, within this fraction of training's rows
+
 
 
 def run_digits(out_dir: str, steps: int = 1500, nfes: list[int] | None = None, draws: int = 3,
                per_class: int = 20, cfg_scale: float = 2.0, seed: int = 0, verbose: bool = True,
-               fit_batch: int = 32, iterations: int = 15, reference_steps: int = 32) -> dict:
+               fit_batch: int = 8, held_out: int = 8, reference_steps: int = 32, eval_every: int = 5,
+               budget: float = BUDGET) -> dict:
     """Trains the digits model as ``samplers.run_digits`` does, tunes an
-    Adams sampler per NFE (fit noise: two batches of fit_batch and one held
-    out; the reference `reference_steps` Adams steps on the shift-0.5 grid; at
-    most `iterations` L-BFGS evaluations: sized for a shared 2-core CPU) and
-    scores tuned and Adams at each NFE, Heun at 8, against Heun@64 on `draws`
-    fresh evaluation sets of per_class digits per class."""
+    Adams sampler per NFE and scores tuned and Adams at each NFE, Heun at 8,
+    against Heun@64 on `draws` fresh evaluation sets of per_class digits per
+    class.
+
+    The fits share one noise set (fit_batch fitted, held_out held out) and one
+    reference solve of it (`reference_steps` Adams steps on the shift-0.5
+    grid; its error is checked against 256 steps, outside the cost). Each fit
+    gets the most L-BFGS evaluations that keep it, with a reference solve of
+    its own, within `budget` of training's rows; the cost is reported so
+    (per NFE) and with the one shared reference split over the NFEs
+    (amortised)."""
     import tempfile
 
     from .. import data as data_lib
     from ..evaluate import frechet_distance
     from ..training import TrainConfig, train
+    from ..tuned import solve_reference
 
     start = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)
     nfes = sorted(nfes or DIGITS_NFES)
+    if reference_steps <= nfes[-1]:  # at reference_steps == NFE the start is the reference: nothing to fit
+        raise ValueError(f"reference_steps ({reference_steps}) must exceed the largest NFE tuned ({nfes[-1]})")
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = TrainConfig.for_data("digits", steps=steps, seed=seed, out=run_dir, ckpt_every=steps, log_every=50,
                                    device="cpu")
@@ -163,30 +176,48 @@ def run_digits(out_dir: str, steps: int = 1500, nfes: list[int] | None = None, d
     judge = data_lib.DigitClassifier(x[train_idx], y[train_idx])
     real = judge.features(x[test_idx])
     guidance = dict(cfg_scale=cfg_scale, null_label=10)
+    train_rows = steps * cfg.batch_size
+    per_sample = 2 if cfg_scale != 1.0 else 1  # guidance evaluates a conditional and an unconditional row
     result = {"meta": {**sb._meta("cpu", 10 * per_class, nfes, False), "train_steps": steps,
-                       "train_batch": cfg.batch_size, "train_rows": steps * cfg.batch_size,
-                       "train_seconds": train_seconds, "cfg_scale": cfg_scale, "draws": draws},
+                       "train_batch": cfg.batch_size, "train_rows": train_rows,
+                       "train_seconds": train_seconds, "cfg_scale": cfg_scale, "draws": draws,
+                       "fit_batch": fit_batch, "held_out": held_out, "reference_steps": reference_steps,
+                       "eval_every": eval_every, "budget": budget},
               "rows": [], "fits": []}
     gen = torch.Generator().manual_seed(seed + 7)
-    fit_noise = [torch.randn(fit_batch, 1, 8, 8, generator=gen) for _ in range(3)]
-    fit_labels = [{"y": torch.arange(fit_batch) % 10} for _ in range(3)]
+    fit_noise = [torch.randn(fit_batch, 1, 8, 8, generator=gen), torch.randn(held_out, 1, 8, 8, generator=gen)]
+    fit_labels = [{"y": torch.arange(len(z)) % 10} for z in fit_noise]
+    reference = {"method": "adams", "num_steps": reference_steps, "schedule": "shift", "schedule_param": 0.5}
+    t_ref = time.perf_counter()
+    endpoints = solve_reference(transport, ema, fit_noise, model_kwargs=fit_labels, reference=reference, **guidance)
+    reference_rows = per_sample * (fit_batch + held_out) * reference_steps  # Adams: one evaluation a step
+    reference_seconds = time.perf_counter() - t_ref
+    finer = transport.sample_ode(ema, fit_noise[-1], model_kwargs=fit_labels[-1], method="adams", num_steps=256,
+                                 schedule="shift", schedule_param=0.5, **guidance)
+    result["reference"] = {**reference, "rows": reference_rows, "seconds": reference_seconds,
+                           "heldout_rms_to_256_steps": endpoint_rms(endpoints[-1], finer)}
+    say(f"digits reference: {reference_steps} Adams steps, {reference_rows} rows, "
+        f"{result['reference']['heldout_rms_to_256_steps']:.3g} from 256 steps on the held-out batch")
     samplers = {}
     for nfe in nfes:
+        iterations = iterations_within(budget * train_rows, nfe, per_sample * fit_batch, per_sample * held_out,
+                                    reference_rows, eval_every)
         s = tune_sampler(transport, ema, fit_noise, nfe, "adams", schedule=START[0], schedule_param=START[1],
-                         model_kwargs=fit_labels, progress=False, iterations=iterations,
-                         reference={"method": "adams", "num_steps": reference_steps, "schedule": "shift",
-                                    "schedule_param": 0.5},
-                         **guidance)
+                         model_kwargs=fit_labels, progress=False, iterations=max(iterations, 1), eval_every=eval_every,
+                         reference=reference, reference_endpoints=endpoints, **guidance)
         samplers[nfe] = s
-        fit = {"nfe": nfe, **{k: s.settings[k] for k in ("heldout_rms", "base_heldout_rms", "accepted",
-                                                          "iterations", "fit_evaluations", "other_evaluations",
-                                                          "seconds")}}
-        fit["rows_fraction_of_training"] = (fit["fit_evaluations"] + fit["other_evaluations"]) / (
-            steps * cfg.batch_size)
+        fit = {"nfe": nfe, "iterations_allowed": iterations,
+               **{k: s.settings[k] for k in ("heldout_rms", "base_heldout_rms", "accepted", "iterations",
+                                             "fit_evaluations", "heldout_evaluations", "seconds")}}
+        own = fit["fit_evaluations"] + fit["heldout_evaluations"]
+        fit["rows_fraction_of_training"] = (own + reference_rows) / train_rows  # with a reference of its own
+        fit["rows_fraction_amortised"] = (own + reference_rows / len(nfes)) / train_rows  # one reference, all NFEs
+        fit["within_budget"] = fit["rows_fraction_of_training"] <= budget  # a short smoke run cannot be
         result["fits"].append(fit)
         say(f"digits tune NFE {nfe}: held-out {fit['heldout_rms']:.4g} (start {fit['base_heldout_rms']:.4g}), "
-            f"{fit['fit_evaluations']} + {fit['other_evaluations']} rows, {fit['seconds']:.0f} s, "
-            f"{100 * fit['rows_fraction_of_training']:.1f}% of training's rows")
+            f"{fit['iterations']} evaluations, {fit['fit_evaluations']} fit + {fit['heldout_evaluations']} held-out "
+            f"rows, {fit['seconds']:.0f} s: {100 * fit['rows_fraction_of_training']:.2f}% of training's rows with "
+            f"its own reference, {100 * fit['rows_fraction_amortised']:.2f}% amortised")
     labels = torch.arange(10).repeat_interleave(per_class)
     settings = [("heun", ("uniform", None), 64), ("heun", ("uniform", None), 8)] + [
         (m, sch, n) for n in nfes for m, sch in (("adams", START), ("tuned", None))]

@@ -273,11 +273,10 @@ def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor
     (under autocast, the float32 parameter as it is): its gradient comes from the
     per-sample sums the backward makes anyway, not from a pass of its own over
     h's gradient."""
-    folded = () if bias is None else (bias,)
-    _tensors("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale,
-             **dict(zip(("bias",), folded)))
+    folded = {} if bias is None else {"bias": bias}
+    _tensors("gated_residual_ln_modulate", x=x, h=h, gate=gate, shift=shift, scale=scale, **folded)
     args = (x, h, gate, shift, scale, _eps(eps), _out_dtype(out_dtype), bias)
-    if _direct(x, h, gate, shift, scale, *folded):
+    if _direct(x, h, gate, shift, scale, *folded.values()):
         x_out, y, _, _ = _C.call(_h.gated_residual_ln_modulate, *args)
     else:
         x_out, y, _, _ = _ops.gated_residual_ln_modulate.default(*args)

@@ -3,7 +3,7 @@
 // A block handles a chunk of rows of one sample (chunks sized from T alone).
 // Each thread sums its columns' dshift/dscale/dgate terms (and gate dx_total,
 // the folded bias's) over the chunk and writes them to a partial buffer; a
-// second kernel adds the chunks in order (and a third, for dbias, the samples).
+// second kernel adds the chunks in order (for dbias, then the samples too).
 // No atomics: the same bits on every run and on every GPU.
 //
 // Resident rows (D <= 4096 in packs, 2048 by single elements) take one pass: a thread keeps
@@ -322,18 +322,6 @@ __global__ void column_sums_kernel(const acc_t* __restrict__ partial, int64_t ba
   }
 }
 
-// dbias[d] = sum over samples b and chunks c of partial[b * chunks + c, 3, d],
-// in that order.
-template <typename acc_t>
-__global__ void bias_grad_kernel(const acc_t* __restrict__ partial, int64_t blocks, int64_t dim,
-                                 acc_t* __restrict__ dbias) {
-  const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (d >= dim) return;
-  double s = 0;
-  for (int64_t i = 0; i < blocks; ++i) s += partial[(i * kSums + 3) * dim + d];
-  dbias[d] = acc_t(s);
-}
-
 // -------------------------------------------------------------- host side
 
 // The LayerNorm + modulate backward, with the gated residual when h is defined
@@ -412,8 +400,16 @@ void adaln_backward(const char* op, const AdalnArgs& a, const Tensor& dy, const 
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (args.need_bias) {
-        bias_grad_kernel<acc_t><<<ceil_div(a.dim, kThreads), kThreads, 0, stream>>>(
-            args.partial, blocks, a.dim, out_ptr<acc_t>(dbias));
+        // dbias: the fourth sums per sample (over chunks, B x D threads), then over
+        // samples, both by column_sums_kernel in order.
+        Tensor per_sample = at::empty({a.batch * a.dim}, mean.options());
+        acc_t* ps = per_sample.mutable_data_ptr<acc_t>();
+        column_sums_kernel<acc_t, acc_t>
+            <<<ceil_div(a.batch * a.dim, kThreads), kThreads, 0, stream>>>(
+                args.partial + 3 * a.dim, a.batch, chunks, kSums, a.dim, ps, nullptr, nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        column_sums_kernel<acc_t, acc_t><<<ceil_div(a.dim, kThreads), kThreads, 0, stream>>>(
+            ps, 1, a.batch, 1, a.dim, out_ptr<acc_t>(dbias), nullptr, nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

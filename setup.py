@@ -91,6 +91,22 @@ def wheel_cuda_include_dirs(cuda_home):
             if glob.glob(os.path.join(inc, "cublas*.h")) or glob.glob(os.path.join(inc, "cusparse*.h"))]
 
 
+def cublaslt_library(cuda_home):
+    """The cuBLASLt library to link (the MLP op calls it directly; torch has
+    loaded it by the time sit_ext._C is imported): the toolkit's, else the one
+    in torch's nvidia wheels (which ship only the versioned name)."""
+    for lib in ("lib64", "lib"):
+        path = os.path.join(cuda_home, lib, "libcublasLt.so")
+        if os.path.exists(path):
+            return path
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcublasLt.so.*")))
+    if not found:
+        sys.exit(f"sit_ext: libcublasLt.so not found under {cuda_home} nor in torch's nvidia wheels; "
+                 "install the toolkit's cuBLAS, or build with SIT_EXT_CPU_ONLY=1")
+    return found[0]
+
+
 def cuda_archs():
     """(arch list, where it came from): TORCH_CUDA_ARCH_LIST when set; else,
     as torch's own extension builder does, the archs of the GPUs visible
@@ -113,7 +129,7 @@ def extension():
     if cpu_level == "AVX2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     sources = (["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-               + sorted(glob.glob("csrc/autograd/*.cpp")))
+               + sorted(glob.glob("csrc/autograd/*.cpp")) + sorted(glob.glob("csrc/autocast/*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
 
     use_cuda = bool(_cuda_home) and torch.version.cuda is not None
@@ -134,7 +150,7 @@ def extension():
         cxx += ["-isystem", inc]
         nvcc += ["-isystem", inc]
     return CUDAExtension("sit_ext._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                         include_dirs=include_dirs, extra_link_args=link,
+                         include_dirs=include_dirs, extra_link_args=link + [cublaslt_library(_cuda_home)],
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 
 

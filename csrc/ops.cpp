@@ -83,4 +83,19 @@ TORCH_LIBRARY(sit_ext, m) {
   m.def(
       "gated_residual_backward(Tensor grad, Tensor h, Tensor gate, bool[2] output_mask) "
       "-> (Tensor, Tensor)");
+
+  // ---- MLP family. out = GELU_tanh(x w1^T + b1) w2^T (+ b2): fc1, GELU and fc2 of a
+  // transformer block. x: [..., K]; w1: [H, K]; b1: [H]; w2: [N, H]; b2: [N]; one float
+  // dtype (the Autocast kernels cast to autocast's, as Linear does). Also returns act
+  // (the GELU output, fc2's input) and pre (its input), [M, H] with M the rows of x,
+  // which backward takes. On CUDA in half precision, fc1's bias and GELU run in the
+  // epilogue of fc1's cuBLASLt GEMM (which writes pre beside act), and backward's GELU
+  // derivative and b1's gradient in that of the GEMM that makes fc2's input gradient.
+  m.def(
+      "gelu_mlp(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor? b2=None) -> (Tensor, Tensor, "
+      "Tensor)");
+  // Gradients (dx, dw1, db1, dw2, db2).
+  m.def(
+      "gelu_mlp_backward(Tensor grad, Tensor x, Tensor w1, Tensor w2, Tensor act, Tensor pre, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

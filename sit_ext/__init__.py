@@ -27,6 +27,7 @@ from .models import SiT, SiT_models, build, output_size  # noqa: E402
 from .ops import (  # noqa: E402
     gated_residual,
     gated_residual_ln_modulate,
+    gelu_mlp,
     interpolant,
     ln_modulate,
     mse,
@@ -60,6 +61,7 @@ __all__ = [
     "cosine_velocity",
     "gated_residual",
     "gated_residual_ln_modulate",
+    "gelu_mlp",
     "interpolant",
     "linear_interpolant",
     "linear_velocity",

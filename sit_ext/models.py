@@ -212,11 +212,36 @@ def _branch(x: Tensor, linear: nn.Module, inner: Tensor, fold: bool = True) -> t
     autocast is read without a cast); any other module (a LoRA wrapper, a
     hooked Linear) runs as it is and gives (linear(inner), None). h is in the
     dtype the fused ops take beside x (see _to_stream)."""
-    if (not fold or type(linear) is not nn.Linear or linear.bias is None or linear._forward_hooks
-            or linear._forward_pre_hooks):
+    if not fold or type(linear) is not nn.Linear or linear.bias is None or not _hook_free(linear):
         return _to_stream(x, linear(inner)), None
     h, bias = _to_stream(x, F.linear(inner, linear.weight)), linear.bias
     return h, bias if bias.dtype in (x.dtype, h.dtype) else bias.to(h.dtype)
+
+
+def _hook_free(*modules: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _fusable_mlp(mlp: nn.Module) -> bool:
+    """Whether gelu_mlp computes exactly this module: the official Mlp (fc1,
+    tanh GELU, fc2) with plain, hook-free parts (a LoRA wrapper or a hook
+    runs the module as it is)."""
+    return (type(mlp) is Mlp and type(mlp.fc1) is nn.Linear and type(mlp.fc2) is nn.Linear
+            and type(mlp.act) is nn.GELU and mlp.act.approximate == "tanh" and mlp.fc1.bias is not None
+            and _hook_free(mlp, mlp.fc1, mlp.act, mlp.fc2))
+
+
+def _mlp_branch(x: Tensor, mlp: nn.Module, y: Tensor, fold: bool, fuse: bool) -> tuple[Tensor, Tensor | None]:
+    """The MLP branch as (h, bias) for the fused residual (see _branch); with
+    `fuse`, fc1, GELU and fc2 run as one gelu_mlp op."""
+    if not (fuse and _fusable_mlp(mlp)):
+        return _branch(x, mlp.fc2, mlp.hidden(y), fold)
+    fc2 = mlp.fc2
+    fold = fold and fc2.bias is not None
+    h = _to_stream(x, ops.gelu_mlp(y, mlp.fc1.weight, mlp.fc1.bias, fc2.weight, None if fold else fc2.bias))
+    if not fold:
+        return h, None
+    return h, fc2.bias if fc2.bias.dtype in (x.dtype, h.dtype) else fc2.bias.to(h.dtype)
 
 
 class SiTBlock(nn.Module):
@@ -271,10 +296,16 @@ class SiT(nn.Module):
     fused kernels (default) or plain PyTorch, with the same weights; it can be
     switched at any time, as can ``fold_biases`` (default True: the fused path
     adds the attn.proj and mlp.fc2 biases inside the fused residual op; False
-    leaves them to the Linears, for comparison).
+    leaves them to the Linears, for comparison) and ``fuse_mlp`` (default
+    False: True runs each block's fc1, GELU and fc2 as one ``gelu_mlp`` op,
+    whose CUDA path puts fc1's bias and GELU, and in backward GELU's
+    derivative and fc1's bias gradient, in cuBLASLt GEMM epilogues; off until
+    a GPU benchmark shows that it pays: ``sit-ext bench --models`` measures
+    it as the ``fused-mlp`` variant).
     """
 
     fold_biases = True
+    fuse_mlp = False
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
@@ -441,7 +472,7 @@ class SiT(nn.Module):
             next_shift, next_scale = mods[i + 1][:2]
             h, bias = _branch(x, block.attn.proj, block.attn.mix(y), self.fold_biases)
             x, y = ops.gated_residual_ln_modulate(x, h, gate_msa, shift_mlp, scale_mlp, out_dtype=y_dtype, bias=bias)
-            h, bias = _branch(x, block.mlp.fc2, block.mlp.hidden(y), self.fold_biases)
+            h, bias = _mlp_branch(x, block.mlp, y, self.fold_biases, self.fuse_mlp)
             x, y = ops.gated_residual_ln_modulate(x, h, gate_mlp, next_shift, next_scale, out_dtype=y_dtype,
                                                   bias=bias)
         return self.final_layer.linear(y)

@@ -37,7 +37,8 @@ class _Handles:
             setattr(self, name, _C.handle(f"sit_ext::{name}"))
 
 
-_h = _Handles("interpolant", "velocity_mse", "mse", "ln_modulate", "gated_residual_ln_modulate", "gated_residual")
+_h = _Handles("interpolant", "velocity_mse", "mse", "ln_modulate", "gated_residual_ln_modulate", "gated_residual",
+              "gelu_mlp")
 
 # Built-in schedules, computed inside the kernels from t.
 SCHEDULES = {"linear": 0, "cosine": 1, "vp": 2}
@@ -342,3 +343,39 @@ def _(x, h, gate):
 def _(grad, h, gate, output_mask):
     _check_devices("gated_residual_backward", grad=grad, h=h, gate=gate)
     return h.new_empty(grad.shape if output_mask[0] else (0,)), _per_sample_like(grad, gate, output_mask[1])
+
+
+# ------------------------------------------------------------------------ MLP
+
+
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor | None = None) -> Tensor:
+    """fc2(GELU_tanh(fc1(x))) as one op: GELU_tanh(x w1^T + b1) w2^T (+ b2).
+
+    x [..., K], w1 [H, K], b1 [H], w2 [N, H], b2 [N] (optional: the model folds
+    fc2's bias into the gated residual instead); returns [..., N]. One dtype
+    for all, or any under autocast, which casts them as for nn.Linear (the
+    weights through its cache). On CUDA in float16/bfloat16 with K, H and N
+    multiples of 8, fc1's bias and GELU run in the epilogue of fc1's cuBLASLt
+    GEMM and backward's GELU derivative and b1 gradient in that of the GEMM
+    making fc2's input gradient; elsewhere ATen's GEMMs and GELU, from C++.
+    """
+    folded = {} if b2 is None else {"b2": b2}
+    _tensors("gelu_mlp", x=x, w1=w1, b1=b1, w2=w2, **folded)
+    if _direct(x, w1, b1, w2, *folded.values()):
+        return _C.call(_h.gelu_mlp, x, w1, b1, w2, b2)[0]
+    return _ops.gelu_mlp.default(x, w1, b1, w2, b2)[0]
+
+
+@torch.library.register_fake("sit_ext::gelu_mlp")
+def _(x, w1, b1, w2, b2=None):
+    _check_devices("gelu_mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    rows = x.numel() // x.shape[-1]
+    hidden = x.new_empty((rows, w1.shape[0]))
+    return x.new_empty((*x.shape[:-1], w2.shape[0])), hidden, x.new_empty(hidden.shape)
+
+
+@torch.library.register_fake("sit_ext::gelu_mlp_backward")
+def _(grad, x, w1, w2, act, pre, output_mask):
+    _check_devices("gelu_mlp_backward", x=x, grad=grad, w1=w1, w2=w2, act=act, pre=pre)
+    shapes = (x.shape, w1.shape, w1.shape[:1], w2.shape, w2.shape[:1])
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, output_mask))

@@ -92,3 +92,12 @@ def gated_residual_ln_modulate(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor
     """As the official code, with the Linear's bias (when given) added to h first."""
     x_out = gated_residual(x, h if bias is None else h + bias, gate)
     return x_out, ln_modulate(x_out, shift, scale, eps, out_dtype)
+
+
+# ------------------------------------------------------------------------ MLP
+
+
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor | None = None) -> Tensor:
+    """The official Mlp: fc1, GELU (tanh approximation), fc2."""
+    hidden = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1), approximate="tanh")
+    return torch.nn.functional.linear(hidden, w2, b2)

@@ -33,10 +33,10 @@ def rel_diff(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def training_step(base, x, kwargs, path, prediction, fused, autocast):
+def training_step(base, x, kwargs, path, prediction, fused, autocast, fuse_mlp=False):
     """The loss and every parameter's gradient ({name: grad}) of one step."""
     model = copy.deepcopy(base).train()
-    model.fused = fused
+    model.fused, model.fuse_mlp = fused, fuse_mlp
     transport = Transport(path, prediction, fused=fused)
     torch.manual_seed(1)  # the same label dropout for every run
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -58,8 +58,20 @@ def test_training_step(kind, path, prediction):
     """Fused bf16 against float32 (unfused, no autocast), per parameter: the
     error may be at most 2x unfused bf16's own, plus bf16's unit roundoff
     (2^-8) of the parameter's gradient norm."""
+    check_training_step(kind, path, prediction)
+
+
+@pytest.mark.parametrize("kind", ["image", "vector"])
+@pytest.mark.parametrize("path", ["linear", "vp"])
+def test_training_step_with_the_mlp_op(kind, path):
+    """The same bound with fuse_mlp (fc1, GELU, fc2 as one gelu_mlp op, which
+    autocast casts through its Autocast kernel)."""
+    check_training_step(kind, path, "velocity", fuse_mlp=True)
+
+
+def check_training_step(kind, path, prediction, fuse_mlp=False):
     base, x, kwargs = model_and_data(kind)
-    loss_f, grads_f = training_step(base, x, kwargs, path, prediction, True, True)
+    loss_f, grads_f = training_step(base, x, kwargs, path, prediction, True, True, fuse_mlp)
     loss_u, grads_u = training_step(base, x, kwargs, path, prediction, False, True)
     loss_r, grads_r = training_step(base, x, kwargs, path, prediction, False, False)
     assert (loss_f - loss_r).abs() <= 2 * (loss_u - loss_r).abs() + 2**-8 * loss_r.abs()
@@ -77,13 +89,23 @@ def test_sampling(kind, path, prediction):
     the same noise): the error may be at most 2x unfused bf16's own (measured:
     at most 0.99x), plus 2^-16 of the samples' norm as a floor. (bf16's unit
     roundoff, 2^-8, of the norm would let a dropped proj/fc2 bias through.)"""
+    check_sampling(kind, path, prediction)
+
+
+@pytest.mark.parametrize("kind", ["image", "vector"])
+@pytest.mark.parametrize("path", ["linear", "vp"])
+def test_sampling_with_the_mlp_op(kind, path):
+    check_sampling(kind, path, "velocity", fuse_mlp=True)
+
+
+def check_sampling(kind, path, prediction, fuse_mlp=False):
     base, x, kwargs = model_and_data(kind)
     base.eval()
     z = torch.randn_like(x)
     samples = {}
     for fused, autocast in ((True, True), (False, True), (False, False)):
         model = copy.deepcopy(base)
-        model.fused = fused
+        model.fused, model.fuse_mlp = fused, fuse_mlp
         transport = Transport(path, prediction, fused=fused)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             ode = transport.sample_ode(model, z, num_steps=4, model_kwargs=kwargs)

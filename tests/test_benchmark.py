@@ -83,6 +83,11 @@ def test_bytes_of_the_mixed_cases_by_hand():
     # pred 128 + x, noise 512 + t 8 + the loss 4.
     assert velocity["velocity_mse", "fwd"].bytes == 652
     assert op_cases.interpolant_cases(shape, "autocast", CPU, "t") == []  # float32 data: the float32 case
+    mlp = by_name(op_cases.mlp_cases(shape, "float32", CPU, "t", compile_=False))
+    # x 64 + w1, w2 2 * 256 + b1 32 + out 64 values; bwd: d out 64, x 64, the weights twice, dx 64.
+    assert mlp["gelu_mlp", "fwd"].bytes == 4 * (64 + 544 + 64)
+    assert mlp["gelu_mlp", "fwd+bwd"].bytes == 4 * (64 + 544 + 64) + 4 * (2 * 64 + 2 * 544 + 64)
+    assert op_cases.mlp_cases(shape, "autocast", CPU, "t") == []  # the op casts: the bfloat16 case
 
 
 # ------------------------------------------------------------------ timing
@@ -342,6 +347,7 @@ def test_run_models_batches_profile_and_budget(tmp_path, monkeypatch, capsys):
     train = saved["results"][0]
     assert train["fused"]["ms"] > 0 and train["unfused"]["ms"] > 0 and "fused+compile" not in train
     assert train["fused-nofold"]["ms"] > 0  # the biases left to the Linears, for comparison
+    assert train["fused-mlp"]["ms"] > 0  # fc1, GELU and fc2 as one op, for comparison
     assert "fused+graph" not in train  # CUDA only
     assert train["x_best_unfused"] == pytest.approx(train["unfused"]["ms"] / train["fused"]["ms"])
     assert train["tflop"] == pytest.approx(3 * model_cases.sit_forward_flops(models.SiT_models["SiT-tiny"](), 1) / 1e12)
@@ -386,9 +392,9 @@ def test_sit_forward_flops_by_hand():
 def test_summarize_model_row_and_peaks(monkeypatch):
     row = {"fused": {"ms": 10.0}, "unfused": {"ms": 13.0}, "fused+compile": {"ms": 8.0},
            "unfused+compile": {"ms": 12.0}, "unfused+graph": {"error": "OutOfMemoryError: ..."},
-           "fused-nofold": {"ms": 7.0}}
+           "fused-nofold": {"ms": 7.0}, "fused-mlp": {"ms": 7.5}}
     model_runner.summarize_model_row(row, flops=4e12, peak=1000.0)
-    # fused-nofold is a comparison, never the best fused variant
+    # fused-nofold and fused-mlp are comparisons, never the best fused variant
     assert (row["best_fused"], row["best_unfused"]) == ("fused+compile", "unfused+compile")
     assert row["x_best_unfused"] == pytest.approx(12.0 / 8.0)
     assert row["fused+compile"]["tflops"] == pytest.approx(500.0) and row["fused+compile"]["mfu"] == 0.5

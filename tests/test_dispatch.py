@@ -17,7 +17,7 @@ D = 16
 # torch's files too, and those are not ours.
 PACKAGE_DIR = os.path.dirname(os.path.abspath(sit_ext.__file__)) + os.sep
 FORWARD_OPS = ["interpolant", "velocity_mse", "mse", "ln_modulate", "gated_residual_ln_modulate",
-               "gated_residual"]
+               "gated_residual", "gelu_mlp"]
 BACKWARD_OPS = [f"{name}_backward" for name in FORWARD_OPS]
 
 
@@ -26,6 +26,7 @@ def _calls(device):
     x, h, noise, pred = (torch.randn(3, 5, D, device=device, requires_grad=True) for _ in range(4))
     mod = torch.randn(3, 3 * D, device=device, requires_grad=True)
     t = torch.rand(3, device=device)
+    w1, b1, w2 = (torch.randn(shape, device=device, requires_grad=True) for shape in ((4 * D, D), (4 * D,), (D, 4 * D)))
 
     def parts(m):
         return m[:, :D], m[:, D:2 * D], m[:, 2 * D:]
@@ -43,6 +44,7 @@ def _calls(device):
         ("ln_modulate", lambda x, m: ops.ln_modulate(x, *parts(m)[:2]).square().sum(), (x, mod)),
         ("gated_residual_ln_modulate", grlm, (x, h, mod)),
         ("gated_residual", lambda x, h, m: ops.gated_residual(x, h, parts(m)[2]).square().sum(), (x, h, mod)),
+        ("gelu_mlp", lambda x, w1, b1, w2: ops.gelu_mlp(x, w1, b1, w2).square().sum(), (x, w1, b1, w2)),
     ]
 
 

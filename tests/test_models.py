@@ -464,3 +464,46 @@ def test_a_wrapped_or_hooked_projection_is_not_bypassed(change):
     plain.load_state_dict(model.state_dict(), strict=False)
     assert not torch.allclose(unfused, plain(x, t, y), atol=1e-3)  # the change matters
     torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
+def test_fused_mlp_matches_unfused(device, fold):
+    """fuse_mlp runs each block's fc1, GELU and fc2 as one gelu_mlp op: the
+    output and every parameter's gradient equal the unfused model's."""
+    model = image_model().to(device)
+    model.fuse_mlp, model.fold_biases = True, fold
+    x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.rand(2, device=device), torch.tensor([3, 4],
+                                                                                                  device=device)
+    fused, unfused = both_paths(model, x, t, y)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(fused.square().sum(), params)
+    want = torch.autograd.grad(unfused.square().sum(), params)
+    for (name, _), g, w in zip(((n, p) for n, p in model.named_parameters() if p.requires_grad), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_mlp_runs_one_op_per_block(monkeypatch):
+    """With fuse_mlp, each block's MLP is one gelu_mlp call on that block's
+    fc1 and fc2 weights (fc2's bias folded into the residual); a hooked or
+    wrapped fc1 runs as it is instead, and the result is still unfused's."""
+    model = image_model()
+    model.fuse_mlp = True
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    calls = []
+    real = sit_ext.ops.gelu_mlp
+
+    def spy(x, w1, b1, w2, b2=None):
+        calls.append((w1, b1, w2, b2))
+        return real(x, w1, b1, w2, b2)
+
+    monkeypatch.setattr(sit_ext.models.ops, "gelu_mlp", spy)
+    model(x, t, y)
+    want = [(b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight, None) for b in model.blocks]
+    assert len(calls) == len(want) and all(all(a is b for a, b in zip(c, w)) for c, w in zip(calls, want))
+    calls.clear()
+    model.blocks[0].mlp.fc1 = _Lora(model.blocks[0].mlp.fc1)
+    model.blocks[1].mlp.act.register_forward_hook(lambda m, i, out: out * 1.5)
+    fused, unfused = both_paths(model, x, t, y)
+    assert len(calls) == len(model.blocks) - 2
+    torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=1e-4)

@@ -8,9 +8,12 @@ from collections.abc import Callable
 
 import torch
 
-# "fused-nofold": fused eager with fold_biases off (attn.proj and mlp.fc2 add their own biases), to
-# show what folding them into the fused residual gives.
-MODEL_VARIANTS = ("fused", "fused-nofold", "unfused", "fused+compile", "unfused+compile", "fused+graph",
+# Comparisons, not candidates for the best fused variant (they are not the defaults): "fused-nofold",
+# fused eager with fold_biases off (attn.proj and mlp.fc2 add their own biases), shows what folding them
+# into the fused residual gives; "fused-mlp", fused eager with fuse_mlp on (fc1, GELU and fc2 as one
+# gelu_mlp op, cuBLASLt epilogues on CUDA), whether that op pays.
+COMPARISONS = ("fused-nofold", "fused-mlp")
+MODEL_VARIANTS = ("fused", *COMPARISONS, "unfused", "fused+compile", "unfused+compile", "fused+graph",
                   "unfused+graph")
 MODEL_MODES = ("train step", "guided sample step")
 CFG_SCALE = 4.0
@@ -91,17 +94,17 @@ class _ModelRig:
             if "compile" in variant and self.compiled is None or "graph" in variant and not cuda:
                 continue
             runner = self.compiled if "compile" in variant else model
-            fused, fold = variant.startswith("fused"), variant != "fused-nofold"
+            fused, fold, fuse_mlp = variant.startswith("fused"), variant != "fused-nofold", variant == "fused-mlp"
             transport = Transport("linear", fused=fused)
 
-            def losses(x, y, runner=runner, transport=transport, fused=fused, fold=fold):
-                model.fused, model.fold_biases = fused, fold
+            def losses(x, y, runner=runner, transport=transport, fused=fused, fold=fold, fuse_mlp=fuse_mlp):
+                model.fused, model.fold_biases, model.fuse_mlp = fused, fold, fuse_mlp
                 model.train()
                 with autocast():
                     return transport.training_losses(runner, x, model_kwargs={"y": y})["loss"].mean()
 
-            def sample_step(z, runner=runner, fused=fused, fold=fold):
-                model.fused, model.fold_biases = fused, fold
+            def sample_step(z, runner=runner, fused=fused, fold=fold, fuse_mlp=fuse_mlp):
+                model.fused, model.fold_biases, model.fuse_mlp = fused, fold, fuse_mlp
                 model.eval()
                 with torch.no_grad(), autocast():
                     out = runner(z.repeat(2, 1, 1, 1), t.repeat(2), both_y)

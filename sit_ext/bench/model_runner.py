@@ -11,7 +11,7 @@ import torch
 
 from . import harness
 from .harness import _allow_recompiles, _message, time_medians
-from .model_cases import MODEL_MODES, MODEL_VARIANTS, _ModelRig, model_step_flops, peak_tflops
+from .model_cases import COMPARISONS, MODEL_MODES, MODEL_VARIANTS, _ModelRig, model_step_flops, peak_tflops
 from .op_cases import AUTOCAST
 from .profiling import format_profile, profile_kernels
 from .report import _print, _write_json, machine_info
@@ -59,10 +59,10 @@ def time_model_variants(builders: dict[str, Callable[[], Callable[[], object]]],
 def summarize_model_row(row: dict, flops: float, peak: float | None) -> None:
     """Adds the best fused and unfused variants, x best unfused (its time over
     the best fused one's), the model TFLOP/s of the best fused variant and its
-    MFU against `peak` TFLOP/s. fused-nofold is a comparison, not a candidate:
-    the best fused variant is one of the defaults."""
+    MFU against `peak` TFLOP/s. fused-nofold and fused-mlp are comparisons,
+    not candidates: the best fused variant is one of the defaults."""
     times = {v: row[v]["ms"] for v in MODEL_VARIANTS if "ms" in row.get(v, {})}
-    fused = {v: ms for v, ms in times.items() if v.startswith("fused") and v != "fused-nofold"}
+    fused = {v: ms for v, ms in times.items() if v.startswith("fused") and v not in COMPARISONS}
     unfused = {v: ms for v, ms in times.items() if v.startswith("unfused")}
     row["tflop"] = flops / 1e12
     for v, ms in times.items():

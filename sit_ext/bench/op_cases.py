@@ -299,11 +299,47 @@ def adaln_cases(shape, dtype, device, size, compile_: bool = True) -> list[Case]
     return cases
 
 
+def mlp_cases(shape, dtype, device, size, compile_: bool = True) -> list[Case]:
+    """gelu_mlp (fc1, tanh GELU, fc2; H = 4D, fc2's bias folded elsewhere as
+    in the model) against the Linear, GELU, Linear chain; backward to x and the
+    three parameters. No autocast case: under autocast the op runs on the
+    bfloat16 casts of its inputs, the bfloat16 case. Bytes are each input and
+    output once: the GEMMs make this op compute-bound, so its GB/s is low by
+    nature; the ratios to eager and compiled are what tell."""
+    dtype = _dtype_name(dtype)
+    if dtype == AUTOCAST:
+        return []
+    dt = getattr(torch, dtype)
+    n, d = math.prod(shape), shape[-1]
+    weights = 2 * 4 * d * d + 4 * d  # w1, w2, b1
+
+    def make(shape, grads):
+        d = shape[-1]
+        inputs = dict(x=torch.randn(shape, dtype=dt, device=device, requires_grad=True),
+                      w1=(torch.randn(4 * d, d, dtype=dt, device=device) / d ** 0.5).requires_grad_(),
+                      b1=torch.randn(4 * d, dtype=dt, device=device, requires_grad=True),
+                      w2=(torch.randn(d, 4 * d, dtype=dt, device=device) / (2 * d ** 0.5)).requires_grad_())
+        if grads:
+            inputs["g"] = torch.randn(shape, dtype=dt, device=device)
+        return inputs
+
+    def fwd(f, x, w1, b1, w2, g=None):
+        return f(x, w1, b1, w2)
+
+    def bwd(f, x, w1, b1, w2, g):
+        return _grad(f(x, w1, b1, w2), [x, w1, b1, w2], [g])
+
+    # forward: read x and the weights, write out. backward: read d out, x and the weights, write their gradients.
+    return _cases("gelu_mlp", size, shape, dtype, _impls(ops.gelu_mlp, ref.gelu_mlp, compile_), make, fwd, bwd,
+                  _nbytes((n, dt), (weights, dt), (n, dt)), _nbytes((2 * n, dt), (2 * weights, dt), (n, dt)))
+
+
 OP_FAMILIES: dict[str, Callable[..., list[Case]]] = {
     "interpolant": interpolant_cases,
     "velocity_mse": velocity_mse_cases,
     "mse": mse_cases,
     "adaln": adaln_cases,
+    "mlp": mlp_cases,
 }
 
 

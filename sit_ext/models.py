@@ -301,11 +301,14 @@ class SiT(nn.Module):
     whose CUDA path puts fc1's bias and GELU, and in backward GELU's
     derivative and fc1's bias gradient, in cuBLASLt GEMM epilogues; off until
     a GPU benchmark shows that it pays: ``sit-ext bench --models`` measures
-    it as the ``fused-mlp`` variant).
+    it as the ``fused-mlp`` variant) and ``batch_adaln`` (default False: True
+    makes every adaLN modulation in one GEMM per forward, the per-block
+    parameters and checkpoint keys unchanged; measured as ``fused-batchadaln``).
     """
 
     fold_biases = True
     fuse_mlp = False
+    batch_adaln = False
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
@@ -457,13 +460,30 @@ class SiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
+    def _modulations(self, c: Tensor) -> list[tuple[Tensor, ...]]:
+        """Every block's six modulation vectors and the final layer's two. With
+        batch_adaln (and every adaLN layer the plain SiLU + Linear), one GEMM
+        makes them all: SiLU(c) against the blocks' weights concatenated (a copy
+        per call; autograd hands each block's Linear its own gradient), giving
+        [B, D] views of one [B, (6 depth + 2) D] tensor."""
+        layers = [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation]
+        plain = all(type(seq) is nn.Sequential and len(seq) == 2 and type(seq[0]) is nn.SiLU
+                    and type(seq[1]) is nn.Linear and seq[1].bias is not None and _hook_free(seq, *seq)
+                    for seq in layers)
+        if not (self.batch_adaln and plain):
+            return [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
+        linears = [seq[1] for seq in layers]
+        out = F.linear(F.silu(c), torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears]))
+        widths = [lin.out_features for lin in linears]
+        return [part.chunk(width // self.hidden_size, dim=1) for part, width in zip(out.split(widths, dim=1), widths)]
+
     def backbone(self, x: Tensor, c: Tensor) -> Tensor:
         """Blocks and final layer: tokens [B, T, D] -> [B, T, out_features]."""
         if not self.fused:
             for block in self.blocks:
                 x = block(x, c, fused=False)
             return self.final_layer(x, c)
-        mods = [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
+        mods = self._modulations(c)
         y_dtype = _fused_dtypes(x, ())[0]
         mods = [_fused_dtypes(x, m)[1] for m in mods]
         y = ops.ln_modulate(x, *mods[0][:2], out_dtype=y_dtype)

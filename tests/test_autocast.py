@@ -15,6 +15,7 @@ from sit_ext.transport import Transport
 
 PATHS = ["linear", "cosine", "vp"]
 PREDICTIONS = ["velocity", "noise", "score"]
+SWITCHES = ["fuse_mlp", "batch_adaln"]  # the model's optional fused paths, off by default
 
 
 def model_and_data(kind):
@@ -33,10 +34,13 @@ def rel_diff(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def training_step(base, x, kwargs, path, prediction, fused, autocast, fuse_mlp=False):
-    """The loss and every parameter's gradient ({name: grad}) of one step."""
+def training_step(base, x, kwargs, path, prediction, fused, autocast, switches=()):
+    """The loss and every parameter's gradient ({name: grad}) of one step;
+    `switches` names the model's optional fused paths to turn on."""
     model = copy.deepcopy(base).train()
-    model.fused, model.fuse_mlp = fused, fuse_mlp
+    model.fused = fused
+    for switch in switches:
+        setattr(model, switch, True)
     transport = Transport(path, prediction, fused=fused)
     torch.manual_seed(1)  # the same label dropout for every run
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -63,15 +67,17 @@ def test_training_step(kind, path, prediction):
 
 @pytest.mark.parametrize("kind", ["image", "vector"])
 @pytest.mark.parametrize("path", ["linear", "vp"])
-def test_training_step_with_the_mlp_op(kind, path):
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_training_step_with_an_optional_path(kind, path, switch):
     """The same bound with fuse_mlp (fc1, GELU, fc2 as one gelu_mlp op, which
-    autocast casts through its Autocast kernel)."""
-    check_training_step(kind, path, "velocity", fuse_mlp=True)
+    autocast casts through its Autocast kernel) or batch_adaln (one GEMM for
+    every modulation) on."""
+    check_training_step(kind, path, "velocity", (switch,))
 
 
-def check_training_step(kind, path, prediction, fuse_mlp=False):
+def check_training_step(kind, path, prediction, switches=()):
     base, x, kwargs = model_and_data(kind)
-    loss_f, grads_f = training_step(base, x, kwargs, path, prediction, True, True, fuse_mlp)
+    loss_f, grads_f = training_step(base, x, kwargs, path, prediction, True, True, switches)
     loss_u, grads_u = training_step(base, x, kwargs, path, prediction, False, True)
     loss_r, grads_r = training_step(base, x, kwargs, path, prediction, False, False)
     assert (loss_f - loss_r).abs() <= 2 * (loss_u - loss_r).abs() + 2**-8 * loss_r.abs()
@@ -94,18 +100,21 @@ def test_sampling(kind, path, prediction):
 
 @pytest.mark.parametrize("kind", ["image", "vector"])
 @pytest.mark.parametrize("path", ["linear", "vp"])
-def test_sampling_with_the_mlp_op(kind, path):
-    check_sampling(kind, path, "velocity", fuse_mlp=True)
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_sampling_with_an_optional_path(kind, path, switch):
+    check_sampling(kind, path, "velocity", (switch,))
 
 
-def check_sampling(kind, path, prediction, fuse_mlp=False):
+def check_sampling(kind, path, prediction, switches=()):
     base, x, kwargs = model_and_data(kind)
     base.eval()
     z = torch.randn_like(x)
     samples = {}
     for fused, autocast in ((True, True), (False, True), (False, False)):
         model = copy.deepcopy(base)
-        model.fused, model.fuse_mlp = fused, fuse_mlp
+        model.fused = fused
+        for switch in switches if fused else ():
+            setattr(model, switch, True)
         transport = Transport(path, prediction, fused=fused)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             ode = transport.sample_ode(model, z, num_steps=4, model_kwargs=kwargs)

@@ -348,6 +348,7 @@ def test_run_models_batches_profile_and_budget(tmp_path, monkeypatch, capsys):
     assert train["fused"]["ms"] > 0 and train["unfused"]["ms"] > 0 and "fused+compile" not in train
     assert train["fused-nofold"]["ms"] > 0  # the biases left to the Linears, for comparison
     assert train["fused-mlp"]["ms"] > 0  # fc1, GELU and fc2 as one op, for comparison
+    assert train["fused-batchadaln"]["ms"] > 0  # every adaLN modulation in one GEMM, for comparison
     assert "fused+graph" not in train  # CUDA only
     assert train["x_best_unfused"] == pytest.approx(train["unfused"]["ms"] / train["fused"]["ms"])
     assert train["tflop"] == pytest.approx(3 * model_cases.sit_forward_flops(models.SiT_models["SiT-tiny"](), 1) / 1e12)
@@ -392,9 +393,9 @@ def test_sit_forward_flops_by_hand():
 def test_summarize_model_row_and_peaks(monkeypatch):
     row = {"fused": {"ms": 10.0}, "unfused": {"ms": 13.0}, "fused+compile": {"ms": 8.0},
            "unfused+compile": {"ms": 12.0}, "unfused+graph": {"error": "OutOfMemoryError: ..."},
-           "fused-nofold": {"ms": 7.0}, "fused-mlp": {"ms": 7.5}}
+           "fused-nofold": {"ms": 7.0}, "fused-mlp": {"ms": 7.5}, "fused-batchadaln": {"ms": 7.9}}
     model_runner.summarize_model_row(row, flops=4e12, peak=1000.0)
-    # fused-nofold and fused-mlp are comparisons, never the best fused variant
+    # the comparisons (fused-nofold, fused-mlp, fused-batchadaln) are never the best fused variant
     assert (row["best_fused"], row["best_unfused"]) == ("fused+compile", "unfused+compile")
     assert row["x_best_unfused"] == pytest.approx(12.0 / 8.0)
     assert row["fused+compile"]["tflops"] == pytest.approx(500.0) and row["fused+compile"]["mfu"] == 0.5

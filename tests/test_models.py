@@ -507,3 +507,63 @@ def test_fused_mlp_runs_one_op_per_block(monkeypatch):
     fused, unfused = both_paths(model, x, t, y)
     assert len(calls) == len(model.blocks) - 2
     torch.testing.assert_close(fused, unfused, atol=2e-5, rtol=1e-4)
+
+
+def test_batched_adaln_equals_per_block_in_float64(device):
+    """batch_adaln makes every modulation in one GEMM: in float64 the vectors
+    and every adaLN parameter's gradient equal the per-block Linears' (against
+    the unfused model, which never batches)."""
+    model = image_model().to(device).double()
+    model.batch_adaln = True
+    x, t, y = torch.randn(2, 4, 8, 8, device=device).double(), torch.rand(2, device=device).double(), \
+        torch.tensor([3, 4], device=device)
+    c = model._condition(x, t, y)
+    batched = model._modulations(c)
+    model.batch_adaln = False
+    single = model._modulations(c)
+    assert [len(m) for m in batched] == [6] * len(model.blocks) + [2]
+    for got, want in zip(batched, single):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    model.batch_adaln = True
+    fused, unfused = both_paths(model, x, t, y)
+    torch.testing.assert_close(fused, unfused, rtol=1e-10, atol=1e-10)
+    names = [n for n, _ in model.named_parameters() if "adaLN" in n]
+    params = [p for n, p in model.named_parameters() if "adaLN" in n]
+    got = torch.autograd.grad(fused.square().sum(), params)
+    want = torch.autograd.grad(unfused.square().sum(), params)
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+class _LinearCalls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.out_features = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.out_features.append(args[1].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_batched_adaln_is_one_gemm_and_keeps_the_parameters():
+    """One Linear call of width (6 depth + 2) D instead of one per block; the
+    parameters, their names and the state dict are the per-block ones; a
+    hooked adaLN layer turns the batching off (the hook runs), and the result
+    is still unfused's."""
+    model = image_model()
+    keys = list(model.state_dict())
+    model.batch_adaln = True
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    d, depth = model.hidden_size, len(model.blocks)
+    with _LinearCalls() as calls:
+        model(x, t, y)
+    widths = calls.out_features
+    assert widths.count((6 * depth + 2) * d) == 1 and 6 * d not in widths and 2 * d not in widths, widths
+    assert list(model.state_dict()) == keys
+    model.blocks[1].adaLN_modulation[1].register_forward_hook(lambda m, i, out: out * 0.5)
+    with _LinearCalls() as calls:
+        fused, unfused = both_paths(model, x, t, y)
+    assert (6 * depth + 2) * d not in calls.out_features
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)

@@ -11,8 +11,9 @@ import torch
 # Comparisons, not candidates for the best fused variant (they are not the defaults): "fused-nofold",
 # fused eager with fold_biases off (attn.proj and mlp.fc2 add their own biases), shows what folding them
 # into the fused residual gives; "fused-mlp", fused eager with fuse_mlp on (fc1, GELU and fc2 as one
-# gelu_mlp op, cuBLASLt epilogues on CUDA), whether that op pays.
-COMPARISONS = ("fused-nofold", "fused-mlp")
+# gelu_mlp op, cuBLASLt epilogues on CUDA), whether that op pays; "fused-batchadaln", fused eager with
+# batch_adaln on (every adaLN modulation in one GEMM on the concatenated weights), whether that pays.
+COMPARISONS = ("fused-nofold", "fused-mlp", "fused-batchadaln")
 MODEL_VARIANTS = ("fused", *COMPARISONS, "unfused", "fused+compile", "unfused+compile", "fused+graph",
                   "unfused+graph")
 MODEL_MODES = ("train step", "guided sample step")
@@ -94,17 +95,24 @@ class _ModelRig:
             if "compile" in variant and self.compiled is None or "graph" in variant and not cuda:
                 continue
             runner = self.compiled if "compile" in variant else model
-            fused, fold, fuse_mlp = variant.startswith("fused"), variant != "fused-nofold", variant == "fused-mlp"
+            fused = variant.startswith("fused")
+            switches = dict(fold_biases=variant != "fused-nofold", fuse_mlp=variant == "fused-mlp",
+                            batch_adaln=variant == "fused-batchadaln")
             transport = Transport("linear", fused=fused)
 
-            def losses(x, y, runner=runner, transport=transport, fused=fused, fold=fold, fuse_mlp=fuse_mlp):
-                model.fused, model.fold_biases, model.fuse_mlp = fused, fold, fuse_mlp
+            def setup(fused=fused, switches=switches):
+                model.fused = fused
+                for name, value in switches.items():
+                    setattr(model, name, value)
+
+            def losses(x, y, runner=runner, transport=transport, setup=setup):
+                setup()
                 model.train()
                 with autocast():
                     return transport.training_losses(runner, x, model_kwargs={"y": y})["loss"].mean()
 
-            def sample_step(z, runner=runner, fused=fused, fold=fold, fuse_mlp=fuse_mlp):
-                model.fused, model.fold_biases, model.fuse_mlp = fused, fold, fuse_mlp
+            def sample_step(z, runner=runner, setup=setup):
+                setup()
                 model.eval()
                 with torch.no_grad(), autocast():
                     out = runner(z.repeat(2, 1, 1, 1), t.repeat(2), both_y)

@@ -59,8 +59,9 @@ def time_model_variants(builders: dict[str, Callable[[], Callable[[], object]]],
 def summarize_model_row(row: dict, flops: float, peak: float | None) -> None:
     """Adds the best fused and unfused variants, x best unfused (its time over
     the best fused one's), the model TFLOP/s of the best fused variant and its
-    MFU against `peak` TFLOP/s. fused-nofold and fused-mlp are comparisons,
-    not candidates: the best fused variant is one of the defaults."""
+    MFU against `peak` TFLOP/s. The COMPARISONS (fused-nofold, fused-mlp,
+    fused-batchadaln) are not candidates: the best fused variant is one of
+    the defaults."""
     times = {v: row[v]["ms"] for v in MODEL_VARIANTS if "ms" in row.get(v, {})}
     fused = {v: ms for v, ms in times.items() if v.startswith("fused") and v not in COMPARISONS}
     unfused = {v: ms for v, ms in times.items() if v.startswith("unfused")}

@@ -1,7 +1,8 @@
 """Runs every sit_ext CUDA op, forward and backward, on small inputs through
 every code path: each dtype and autocast mix, 16-byte packs and single
 elements (odd D, a view offset by one element), resident and streamed rows
-(D > 4096 backward, > 8192 forward), empty batches and T = 0. This is the
+(D > 4096 backward, > 8192 forward), empty batches and T = 0; gelu_mlp on
+its cuBLASLt epilogue path and its fallback. This is the
 workload that bench/device_check.sh runs under compute-sanitizer (with
 PYTORCH_NO_CUDA_MEMORY_CACHING=1, so that out-of-bounds accesses land
 outside an allocation instead of inside the caching allocator's blocks)."""
@@ -64,6 +65,19 @@ def adaln_family(types, shape, offset=False):
         ops.gated_residual_ln_modulate(flat, h[:, 0].detach(), g1, s2, c2)[1].float().sum().backward()
 
 
+def mlp_family(dtype, shape, hidden, out, offset=False, autocast=False):
+    """gelu_mlp forward and backward: the cuBLASLt epilogue path (half precision,
+    K, H, N multiples of 8, aligned) or the ATen fallback (anything else)."""
+    make = offset_view if offset else (lambda shape, dtype: torch.randn(shape, device=DEVICE, dtype=dtype))
+    weight_dtype = torch.float32 if autocast else dtype
+    x = make(shape, weight_dtype).requires_grad_()
+    w1, w2 = make((hidden, shape[-1]), weight_dtype).requires_grad_(), make((out, hidden), weight_dtype).requires_grad_()
+    b1, b2 = make((hidden,), weight_dtype).requires_grad_(), make((out,), weight_dtype).requires_grad_()
+    with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
+        y = ops.gelu_mlp(x, w1, b1, w2) + ops.gelu_mlp(x, w1, b1, w2, b2)
+    y.float().square().mean().backward()
+
+
 def main():
     for pred_dtype, x_dtype in LOSS_TYPES:
         for n in (4096, 4099):  # 16-byte packs, and the single-element path
@@ -76,6 +90,13 @@ def main():
                       (2, 2, 9000), (2, 0, 64), (0, 3, 64)):
             adaln_family(types, shape)
         adaln_family(types, (2, 5, 1152), offset=True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        # the epilogue path (half precision), odd widths and an offset x (the fallback), no rows
+        for shape, hidden, out in (((2, 33, 64), 256, 64), ((3, 5, 24), 40, 16), ((2, 3, 7), 12, 5),
+                                   ((0, 3, 64), 256, 64)):
+            mlp_family(dtype, shape, hidden, out)
+        mlp_family(dtype, (2, 5, 64), 256, 64, offset=True)
+    mlp_family(torch.bfloat16, (2, 33, 64), 256, 64, autocast=True)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     print("sanitize_ops: ran every op")

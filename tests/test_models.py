@@ -232,9 +232,13 @@ def test_forward_with_cfg(device, channels):
     torch.testing.assert_close(out[:, k:], model(x, t, y)[:, k:])
 
 
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("switch", [None, "fuse_mlp", "batch_adaln"])
+def test_compile_fullgraph(device, switch):
+    """Compiled without graph breaks, by default and with each optional fused path on."""
     torch._dynamo.reset()
     model = image_model().to(device).train()
+    if switch:
+        setattr(model, switch, True)
     model.y_embedder.dropout_prob = 0.0  # compiled code draws other random numbers than eager
     x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.rand(2, device=device), torch.tensor([3, 4],
                                                                                                   device=device)

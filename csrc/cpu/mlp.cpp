@@ -42,18 +42,14 @@ std::tuple<Tensor, Tensor, Tensor> gelu_mlp(const Tensor& x, const Tensor& w1, c
                                             const Tensor& w2, const std::optional<Tensor>& b2) {
   const MlpArgs a = mlp_args("gelu_mlp", x, w1, b1, w2, b2);
   auto [out, act, pre] = gelu_mlp_aten(a);
-  auto shape = x.sizes().vec();
-  shape.back() = a.out;
-  return {out.view(shape), act, pre};
+  return mlp_outputs(x, a, out, act, pre);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_mlp_backward(
     const Tensor& grad, const Tensor& x, const Tensor& w1, const Tensor& w2, const Tensor& act,
     const Tensor& pre, std::array<bool, 5> mask) {
-  const MlpArgs a = mlp_weights("gelu_mlp_backward", x, w1, w2);
-  const Tensor grad2 = mlp_backward_args("gelu_mlp_backward", a, grad, act, pre);
-  auto g = gelu_mlp_backward_aten(a, grad2, act, pre, mask);
-  return {mask[0] ? g[0].view(x.sizes()) : g[0], g[1], g[2], g[3], g[4]};
+  const auto [a, grad2] = mlp_backward_args("gelu_mlp_backward", grad, x, w1, w2, act, pre);
+  return mlp_grads(x, gelu_mlp_backward_aten(a, grad2, act, pre, mask), mask[0]);
 }
 
 }  // namespace

@@ -139,16 +139,13 @@ std::tuple<Tensor, Tensor, Tensor> gelu_mlp(const Tensor& x, const Tensor& w1, c
     }
   }
   if (!out.defined()) std::tie(out, act, pre) = gelu_mlp_aten(a);
-  auto shape = x.sizes().vec();
-  shape.back() = a.out;
-  return {out.view(shape), act, pre};
+  return mlp_outputs(x, a, out, act, pre);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_mlp_backward(
     const Tensor& grad, const Tensor& x, const Tensor& w1, const Tensor& w2, const Tensor& act,
     const Tensor& pre, std::array<bool, 5> mask) {
-  const MlpArgs a = mlp_weights("gelu_mlp_backward", x, w1, w2);
-  const Tensor grad2 = mlp_backward_args("gelu_mlp_backward", a, grad, act, pre);
+  const auto [a, grad2] = mlp_backward_args("gelu_mlp_backward", grad, x, w1, w2, act, pre);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor d_pre, db1;
   if ((mask[0] || mask[1] || mask[2]) && lt_applies(a) && aligned16(grad2) && pre.is_contiguous() &&
@@ -162,8 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gelu_mlp_backward(
       d_pre = db1 = Tensor();
     }
   }
-  auto g = gelu_mlp_backward_aten(a, grad2, act, pre, mask, d_pre, db1);
-  return {mask[0] ? g[0].view(x.sizes()) : g[0], g[1], g[2], g[3], g[4]};
+  return mlp_grads(x, gelu_mlp_backward_aten(a, grad2, act, pre, mask, d_pre, db1), mask[0]);
 }
 
 }  // namespace

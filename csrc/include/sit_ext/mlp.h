@@ -76,10 +76,13 @@ inline MlpArgs mlp_args(const char* op, const at::Tensor& x, const at::Tensor& w
   return a;
 }
 
-// The saved act and pre ([M, H]) and the incoming gradient ([..., N], made
-// [M, N]) checked against the forward's arguments.
-inline at::Tensor mlp_backward_args(const char* op, const MlpArgs& a, const at::Tensor& grad,
-                                    const at::Tensor& act, const at::Tensor& pre) {
+// The backward op's arguments: x, w1 and w2 as the forward's, the saved act
+// and pre ([M, H]) and the incoming gradient ([..., N], returned as [M, N]).
+inline std::pair<MlpArgs, at::Tensor> mlp_backward_args(const char* op, const at::Tensor& grad,
+                                                        const at::Tensor& x, const at::Tensor& w1,
+                                                        const at::Tensor& w2, const at::Tensor& act,
+                                                        const at::Tensor& pre) {
+  const MlpArgs a = mlp_weights(op, x, w1, w2);
   for (auto [name, t] : {std::pair{"act", &act}, std::pair{"pre", &pre}}) {
     check_matrix(op, name, *t, 2, a.x2);
     TORCH_CHECK(t->size(0) == a.rows && t->size(1) == a.hidden, "sit_ext.", op, ": expected ", name,
@@ -91,11 +94,28 @@ inline at::Tensor mlp_backward_args(const char* op, const MlpArgs& a, const at::
   TORCH_CHECK(grad.dim() >= 1 && grad.size(-1) == a.out && grad.numel() == a.rows * a.out,
               "sit_ext.", op, ": expected grad of shape [..., ", a.out, "] with ", a.rows,
               " rows, got ", grad.sizes());
-  return grad.reshape({a.rows, a.out}).to(a.x2.scalar_type()).contiguous();
+  return {a, grad.reshape({a.rows, a.out}).to(a.x2.scalar_type()).contiguous()};
 }
 
 // What backward's output_mask does not ask for comes back as an empty tensor.
 inline at::Tensor unasked(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// The op's outputs: out ([M, N]) in x's leading shape, act and pre as they are.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_outputs(const at::Tensor& x,
+                                                                  const MlpArgs& a,
+                                                                  const at::Tensor& out,
+                                                                  const at::Tensor& act,
+                                                                  const at::Tensor& pre) {
+  auto shape = x.sizes().vec();
+  shape.back() = a.out;
+  return {out.view(shape), act, pre};
+}
+
+// The backward op's outputs: dx ([M, K], when asked for) in x's shape.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_grads(
+    const at::Tensor& x, const std::array<at::Tensor, 5>& g, bool dx) {
+  return {dx ? g[0].view(x.sizes()) : g[0], g[1], g[2], g[3], g[4]};
+}
 
 // out ([M, N]), act, pre by ATen's GEMMs and tanh GELU.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_mlp_aten(const MlpArgs& a);

@@ -70,9 +70,8 @@ def mlp_family(dtype, shape, hidden, out, offset=False, autocast=False):
     K, H, N multiples of 8, aligned) or the ATen fallback (anything else)."""
     make = offset_view if offset else (lambda shape, dtype: torch.randn(shape, device=DEVICE, dtype=dtype))
     weight_dtype = torch.float32 if autocast else dtype
-    x = make(shape, weight_dtype).requires_grad_()
-    w1, w2 = make((hidden, shape[-1]), weight_dtype).requires_grad_(), make((out, hidden), weight_dtype).requires_grad_()
-    b1, b2 = make((hidden,), weight_dtype).requires_grad_(), make((out,), weight_dtype).requires_grad_()
+    x, w1, b1, w2, b2 = (make(s, weight_dtype).requires_grad_()
+                         for s in (shape, (hidden, shape[-1]), (hidden,), (out, hidden), (out,)))
     with torch.autocast(DEVICE, dtype=dtype, enabled=autocast):
         y = ops.gelu_mlp(x, w1, b1, w2) + ops.gelu_mlp(x, w1, b1, w2, b2)
     y.float().square().mean().backward()

@@ -54,8 +54,9 @@ uint32_t alignment(const void* p) {
 
 // D (m x n, column-major, leading dimension m) = op(A) op(B) with `epilogue`,
 // which reads or writes `bias` (m values) and `aux` (m x n, leading dimension
-// m) in the type of D. False where cuBLASLt has no algorithm for it (nothing
-// was launched; the caller falls back). Runs on the current stream.
+// m) in the type of D. False where cuBLASLt has no algorithm for it or
+// refuses the arguments (nothing was launched; the caller falls back). Runs on
+// the current stream.
 bool lt_gemm(cublasOperation_t transa, cublasOperation_t transb, int64_t m, int64_t n, int64_t k,
              const void* a, int64_t lda, const void* b, int64_t ldb, void* d, cudaDataType_t type,
              cublasLtEpilogue_t epilogue, void* bias, void* aux) {
@@ -64,15 +65,13 @@ bool lt_gemm(cublasOperation_t transa, cublasOperation_t transb, int64_t m, int6
   auto set = [&](cublasLtMatmulDescAttributes_t attribute, const auto& value) {
     check_lt(cublasLtMatmulDescSetAttribute(op.h, attribute, &value, sizeof(value)), "attribute");
   };
-  const int64_t aux_ld = m;
-  const int32_t aux_type = type;
+  const int64_t aux_ld = m;  // aux in D's type: cuBLASLt's default
   set(CUBLASLT_MATMUL_DESC_TRANSA, transa);
   set(CUBLASLT_MATMUL_DESC_TRANSB, transb);
   set(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue);
   set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
   set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
   set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, aux_ld);
-  set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, aux_type);
 
   const bool na = transa == CUBLAS_OP_N, nb = transb == CUBLAS_OP_N;
   LtDescriptor<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy> la, lb, ld;
@@ -103,10 +102,12 @@ bool lt_gemm(cublasOperation_t transa, cublasOperation_t transb, int64_t m, int6
     return false;
   }
   const float one = 1.0f, zero = 0.0f;
-  check_lt(cublasLtMatmul(handle, op.h, &one, a, la.h, b, lb.h, &zero, d, ld.h, d, ld.h,
-                          &result.algo, at::cuda::getCUDABlasLtWorkspace(), workspace_size,
-                          at::cuda::getCurrentCUDAStream()),
-           "matmul");
+  const cublasStatus_t status = cublasLtMatmul(
+      handle, op.h, &one, a, la.h, b, lb.h, &zero, d, ld.h, d, ld.h, &result.algo,
+      at::cuda::getCUDABlasLtWorkspace(), workspace_size, at::cuda::getCurrentCUDAStream());
+  // An argument it refuses launches nothing: the caller falls back.
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE) return false;
+  check_lt(status, "matmul");
   return true;
 }
 

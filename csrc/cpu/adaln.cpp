@@ -402,12 +402,16 @@ void backward(const AdalnArgs& a, const Tensor& dy, const Tensor& dxo, const Ten
           }
         });
     if (!rg.need_bias) return;
-    acc_t* dbias_p = dbias.mutable_data_ptr<acc_t>();
-    for (int64_t d = 0; d < D; ++d) {
-      double s = 0;
-      for (int64_t b = 0; b < a.batch; ++b) s += per_sample_bias[b * D + d];
-      dbias_p[d] = acc_t(s);
+    // Sample by sample, each row read in order (column by column over [B, D]
+    // strides a cache line per value).
+    std::vector<double> total(static_cast<size_t>(D), 0.0);
+    double* __restrict__ sum = total.data();
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const double* __restrict__ row = per_sample_bias.data() + b * D;
+      for (int64_t d = 0; d < D; ++d) sum[d] += row[d];
     }
+    acc_t* dbias_p = dbias.mutable_data_ptr<acc_t>();
+    for (int64_t d = 0; d < D; ++d) dbias_p[d] = acc_t(sum[d]);
   });
 }
 

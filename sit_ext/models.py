@@ -214,8 +214,14 @@ def _branch(x: Tensor, linear: nn.Module, inner: Tensor, fold: bool = True) -> t
     dtype the fused ops take beside x (see _to_stream)."""
     if not fold or type(linear) is not nn.Linear or linear.bias is None or not _hook_free(linear):
         return _to_stream(x, linear(inner)), None
-    h, bias = _to_stream(x, F.linear(inner, linear.weight)), linear.bias
-    return h, bias if bias.dtype in (x.dtype, h.dtype) else bias.to(h.dtype)
+    h = _to_stream(x, F.linear(inner, linear.weight))
+    return h, _folded_bias(x, h, linear.bias)
+
+
+def _folded_bias(x: Tensor, h: Tensor, bias: Tensor) -> Tensor:
+    """A branch's bias as the fused residual takes it: as it is in x's dtype or
+    h's (the float32 parameter under autocast), else cast to h's."""
+    return bias if bias.dtype in (x.dtype, h.dtype) else bias.to(h.dtype)
 
 
 def _hook_free(*modules: nn.Module) -> bool:
@@ -239,9 +245,7 @@ def _mlp_branch(x: Tensor, mlp: nn.Module, y: Tensor, fold: bool, fuse: bool) ->
     fc2 = mlp.fc2
     fold = fold and fc2.bias is not None
     h = _to_stream(x, ops.gelu_mlp(y, mlp.fc1.weight, mlp.fc1.bias, fc2.weight, None if fold else fc2.bias))
-    if not fold:
-        return h, None
-    return h, fc2.bias if fc2.bias.dtype in (x.dtype, h.dtype) else fc2.bias.to(h.dtype)
+    return h, _folded_bias(x, h, fc2.bias) if fold else None
 
 
 class SiTBlock(nn.Module):
@@ -467,10 +471,10 @@ class SiT(nn.Module):
         per call; autograd hands each block's Linear its own gradient), giving
         [B, D] views of one [B, (6 depth + 2) D] tensor."""
         layers = [block.adaLN_modulation for block in self.blocks] + [self.final_layer.adaLN_modulation]
-        plain = all(type(seq) is nn.Sequential and len(seq) == 2 and type(seq[0]) is nn.SiLU
-                    and type(seq[1]) is nn.Linear and seq[1].bias is not None and _hook_free(seq, *seq)
-                    for seq in layers)
-        if not (self.batch_adaln and plain):
+        if not (self.batch_adaln and all(
+                type(seq) is nn.Sequential and len(seq) == 2 and type(seq[0]) is nn.SiLU
+                and type(seq[1]) is nn.Linear and seq[1].bias is not None and _hook_free(seq, *seq)
+                for seq in layers)):
             return [block.modulation(c) for block in self.blocks] + [self.final_layer.modulation(c)]
         linears = [seq[1] for seq in layers]
         out = F.linear(F.silu(c), torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears]))

@@ -9,6 +9,7 @@ and u_t = alpha'(t) x + beta'(t) noise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -369,8 +370,7 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor | None = 
 @torch.library.register_fake("sit_ext::gelu_mlp")
 def _(x, w1, b1, w2, b2=None):
     _check_devices("gelu_mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2)
-    rows = x.numel() // x.shape[-1]
-    hidden = x.new_empty((rows, w1.shape[0]))
+    hidden = x.new_empty((math.prod(x.shape[:-1]), w1.shape[0]))
     return x.new_empty((*x.shape[:-1], w2.shape[0])), hidden, x.new_empty(hidden.shape)
 
 
